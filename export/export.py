@@ -1,0 +1,161 @@
+"""`salmonn export`: a trained SALMONN checkpoint -> a model directory the runtime can load.
+
+    out/
+      audio_encoder.onnx   Whisper + BEATs + fusion + window Q-Former + projection
+      llm-<quant>.gguf     LLaMA with the LoRA merged, tokenizer included, quantized by llama.cpp
+      salmonn.json         the manifest: config, file names, sha256 of every file
+
+Everything is written into a hidden temporary directory beside `out`, which is renamed into
+place at the very end: an interrupted or failed export leaves no model directory behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from salmonn_cli.errors import SalmonnError
+from salmonn_cli.manifest import MANIFEST_NAME, manifest_dict
+
+LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
+AUDIO_ENCODER_FILE = "audio_encoder.onnx"
+
+
+def llm_file_name(quant: str) -> str:
+    return f"llm-{quant}.gguf"
+
+
+def lora_tensors(state_dict) -> dict:
+    """{HF module name: (A, B)} as float32 numpy arrays, from a Salmonn state dict."""
+    parts: dict[str, dict[str, object]] = {}
+    for key, tensor in state_dict.items():
+        m = LORA_KEY.match(key)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2)] = tensor.detach().float().cpu().numpy()
+    return {name: (ab["A"], ab["B"]) for name, ab in parts.items()}
+
+
+def checkpoint_sources(ckpt_path: Path) -> dict:
+    """The base-model paths a checkpoint's config names (official `llama_path`, `whisper_path`,
+    `beats_path`), resolved relative to the checkpoint's folder."""
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SalmonnError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0]}") from None
+    model_cfg = (ckpt.get("config") or {}).get("model") or {} if isinstance(ckpt, dict) else {}
+    sources = {}
+    for key, name in (("whisper_path", "whisper"), ("beats_path", "beats"), ("llama_path", "llm")):
+        value = model_cfg.get(key)
+        if not value:
+            raise SalmonnError(f"checkpoint {ckpt_path} does not name its {key}; use --official-ckpt "
+                               "with --whisper, --beats and --llm")
+        path = Path(value).expanduser()
+        sources[name] = path if path.is_absolute() else ckpt_path.parent / path
+    return sources
+
+
+@contextmanager
+def staging_dir(out: Path):
+    """A temporary directory beside `out`, removed unless the body renames it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise SalmonnError(f"{out} already exists; pass --force to replace it")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,
+                 force: bool = False, qformer_heads: int | None = None, log=print) -> Path:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from export.gguf import write_llama_gguf
+    from export.onnx_encoder import export_audio_encoder
+    from export.quantize import QUANT_TYPES, quantize_gguf
+    from train.model import AudioEncoder
+    from train.official import load_official
+
+    if quant not in QUANT_TYPES:
+        raise SalmonnError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    for label, path in (("checkpoint", ckpt), ("Whisper directory", whisper),
+                        ("BEATs checkpoint", beats), ("LLM directory", llm)):
+        if not Path(path).exists():
+            raise SalmonnError(f"{label} not found: {path}")
+    if out.exists() and not force:
+        raise SalmonnError(f"{out} already exists; pass --force to replace it")
+
+    started = time.time()
+    with staging_dir(out) as tmp, Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), transient=True,
+    ) as progress:
+        step = progress.add_task("loading the PyTorch model", total=None)
+        model, config = load_official(ckpt, whisper, beats, llm, qformer_heads=qformer_heads)
+        progress.update(step, description="exporting the audio encoder to ONNX")
+        export_audio_encoder(AudioEncoder(model), config, tmp / AUDIO_ENCODER_FILE)
+        lora = lora_tensors(model.state_dict())
+        del model
+        progress.remove_task(step)
+
+        gguf_type = "f32" if quant == "f32" else "f16"
+        unquantized = tmp / llm_file_name(gguf_type)
+        tensors = progress.add_task(f"writing the {gguf_type} GGUF (LoRA merged)", total=None)
+
+        def on_tensor(done: int, total: int) -> None:
+            progress.update(tensors, completed=done, total=total)
+
+        write_llama_gguf(unquantized, llm, config.llm, lora, config.lora.scale, gguf_type,
+                         progress=on_tensor)
+        progress.remove_task(tensors)
+        if quant != gguf_type:
+            q = progress.add_task(f"quantizing to {quant} with llama.cpp", total=None)
+            quantize_gguf(unquantized, tmp / llm_file_name(quant), quant)
+            unquantized.unlink()
+            progress.remove_task(q)
+
+        manifest = manifest_dict(config, AUDIO_ENCODER_FILE, llm_file_name(quant), quant, tmp,
+                                 extra={"source": {"checkpoint": Path(ckpt).name,
+                                                   "lora_scale": config.lora.scale}})
+        _write_json(tmp / MANIFEST_NAME, manifest)
+        publish(tmp, out, force)
+    log(f"exported {out} ({quant}) in {time.time() - started:.1f} s")
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

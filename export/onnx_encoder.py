@@ -1,0 +1,63 @@
+"""Write the audio encoder (Whisper + BEATs + fusion + window Q-Former + projection) as one ONNX graph.
+
+Inputs: `mel` (1, n_mels, 3000) and `fbank` (1, F, 128) with F dynamic; output: `audio_embeds`
+(n_audio_tokens, llm_hidden). The log-mel and fbank are computed by the numpy front end
+(salmonn_cli/features.py), which keeps the STFT out of the graph (see onnx-notes: ORT's STFT
+is too inaccurate for the official tolerance).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from salmonn_cli.config import SalmonnConfig
+from salmonn_cli.encoder import INPUT_FBANK, INPUT_MEL, OUTPUT_EMBEDS
+
+OPSET = 18
+# The protobuf limit is 2 GiB; above this the weights go to `<name>.data` next to the graph.
+EXTERNAL_DATA_ABOVE_BYTES = 1_800_000_000
+FBANK_BINS = 128
+FBANK_FRAMES_PER_SECOND = 100
+
+
+def max_fbank_frames(config: SalmonnConfig) -> int:
+    n = int(config.max_seconds * config.sample_rate)
+    return 1 + (n - 400) // 160
+
+
+def export_audio_encoder(audio_encoder: torch.nn.Module, config: SalmonnConfig, out_path: Path) -> None:
+    """`audio_encoder` maps (mel, fbank) to (n_audio_tokens, llm_hidden), e.g. train.model.AudioEncoder."""
+    audio_encoder = audio_encoder.eval()
+    n_weight_bytes = sum(p.numel() * p.element_size() for p in audio_encoder.parameters())
+    mel = torch.randn(1, config.whisper.n_mels, config.whisper.n_mel_frames)
+    example_frames = min(max_fbank_frames(config), 4 * FBANK_FRAMES_PER_SECOND)
+    fbank = torch.randn(1, example_frames, FBANK_BINS)
+    frames = torch.export.Dim("fbank_frames", min=config.beats.input_patch_size,
+                              max=max_fbank_frames(config))
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            audio_encoder, (mel, fbank), str(out_path),
+            dynamo=True, opset_version=OPSET,
+            input_names=[INPUT_MEL, INPUT_FBANK], output_names=[OUTPUT_EMBEDS],
+            dynamic_shapes=({}, {1: frames}),
+            external_data=n_weight_bytes > EXTERNAL_DATA_ABOVE_BYTES,
+            verbose=False,
+        )
+    check_dynamic_frames(out_path)
+
+
+def check_dynamic_frames(path: Path) -> None:
+    """torch.onnx can silently fall back to a static graph; make sure F stayed symbolic."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for inp in model.graph.input:
+        if inp.name == INPUT_FBANK:
+            dim = inp.type.tensor_type.shape.dim[1]
+            if not dim.dim_param:
+                raise RuntimeError(f"ONNX export specialised the fbank length to {dim.dim_value} frames")
+            return
+    raise RuntimeError(f"exported graph has no input {INPUT_FBANK!r}")

@@ -1,0 +1,214 @@
+"""Every shape and constant of a SALMONN model, in one dataclass.
+
+The same `SalmonnConfig` is used by training, by export and (through the manifest that export
+writes) by the runtime. It is plain data: no torch, so the runtime can import it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WhisperDims:
+    """Whisper encoder (HF `WhisperConfig` names in comments)."""
+    n_mels: int = 80                    # num_mel_bins
+    d_model: int = 1280                 # d_model
+    n_layers: int = 32                  # encoder_layers
+    n_heads: int = 20                   # encoder_attention_heads
+    ffn_dim: int = 5120                 # encoder_ffn_dim
+    max_source_positions: int = 1500    # encoder output frames for 30 s (50 Hz)
+
+    @property
+    def n_mel_frames(self) -> int:
+        # conv2 has stride 2: 3000 mel frames give 1500 encoder frames
+        return 2 * self.max_source_positions
+
+
+@dataclass
+class BeatsDims:
+    """BEATs encoder. Field names are the official `BEATsConfig` keys (the `cfg` dict in the .pt)."""
+    input_patch_size: int = 16
+    embed_dim: int = 512
+    conv_bias: bool = False
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    activation_fn: str = "gelu"
+    layer_norm_first: bool = False
+    deep_norm: bool = True
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    relative_position_embedding: bool = True
+    num_buckets: int = 320
+    max_distance: int = 800
+    gru_rel_pos: bool = True
+    finetuned_model: bool = True
+    predictor_class: int = 527
+
+    @classmethod
+    def from_official_cfg(cls, cfg: dict) -> "BeatsDims":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+@dataclass
+class QFormerDims:
+    """Window-level Q-Former: a BERT-base variant with cross-attention in every layer."""
+    hidden: int = 768
+    n_layers: int = 2
+    n_heads: int = 12
+    intermediate: int = 3072
+    layer_norm_eps: float = 1e-12
+    num_query_tokens: int = 1
+    max_position_embeddings: int = 512  # only the `position_ids` buffer of the official checkpoint uses it
+
+
+@dataclass
+class LlmDims:
+    """LLaMA-architecture causal LM (HF `LlamaConfig` names)."""
+    hidden_size: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+@dataclass
+class LoraDims:
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class SalmonnConfig:
+    whisper: WhisperDims = field(default_factory=WhisperDims)
+    beats: BeatsDims = field(default_factory=BeatsDims)
+    qformer: QFormerDims = field(default_factory=QFormerDims)
+    llm: LlmDims = field(default_factory=LlmDims)
+    lora: LoraDims = field(default_factory=LoraDims)
+    # Window-level Q-Former geometry (official: 0.333333 s windows, no overlap -> 17 frames, 88 windows)
+    second_per_window: float = 0.333333
+    second_stride: float = 0.333333
+    # Audio
+    sample_rate: int = 16000
+    max_seconds: float = 30.0
+    min_seconds: float = 1.0
+    # Prompt: `prompt_template` wraps the instruction; `speech_tag` is the instruction's audio part,
+    # and `audio_placeholder` marks where the audio embeddings go.
+    prompt_template: str = "USER: {}\nASSISTANT:"
+    speech_tag: str = "<Speech><SpeechHere></Speech> "
+    audio_placeholder: str = "<SpeechHere>"
+
+    # --- derived geometry --------------------------------------------------------------------
+    @property
+    def encoder_frames(self) -> int:
+        """Fused (Whisper) frames for `max_seconds` of audio."""
+        return self.whisper.max_source_positions
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.encoder_frames / self.max_seconds
+
+    @property
+    def window_frames(self) -> int:
+        return int(round(self.frames_per_second * self.second_per_window))
+
+    @property
+    def stride_frames(self) -> int:
+        return int(round(self.frames_per_second * self.second_stride))
+
+    @property
+    def n_windows(self) -> int:
+        return (self.encoder_frames - self.window_frames) // self.stride_frames + 1
+
+    @property
+    def n_audio_tokens(self) -> int:
+        return self.n_windows * self.qformer.num_query_tokens
+
+    @property
+    def fused_width(self) -> int:
+        return self.whisper.d_model + self.beats.encoder_embed_dim
+
+    def prompt_pieces(self, instruction: str) -> tuple[str, str]:
+        """Text before and after the audio embeddings, as the official code splits them."""
+        full = self.prompt_template.format(self.speech_tag + instruction.strip())
+        before, after = full.split(self.audio_placeholder)
+        return before, after
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora"]["targets"] = list(self.lora.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SalmonnConfig":
+        d = dict(d)
+        parts = {"whisper": WhisperDims, "beats": BeatsDims, "qformer": QFormerDims,
+                 "llm": LlmDims, "lora": LoraDims}
+        kwargs = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        for name, value in d.items():
+            if name in parts:
+                sub = dict(value)
+                if name == "lora" and "targets" in sub:
+                    sub["targets"] = tuple(sub["targets"])
+                kwargs[name] = parts[name](**sub)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+def official_13b() -> SalmonnConfig:
+    """SALMONN-13B v1: whisper-large-v2, BEATs iter3+ AS2M cpt2, Vicuna-13B v1.1."""
+    return SalmonnConfig(
+        llm=LlmDims(hidden_size=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                    intermediate_size=13824, vocab_size=32000),
+    )
+
+
+def official_7b() -> SalmonnConfig:
+    """SALMONN-7B: whisper-large-v2, BEATs iter3+ AS2M cpt2, Vicuna-7B v1.5 (4096 context)."""
+    return SalmonnConfig(
+        llm=LlmDims(hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    )
+
+
+def tiny() -> SalmonnConfig:
+    """A few-MB model with the official layout, for tests."""
+    return SalmonnConfig(
+        whisper=WhisperDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=128),
+        beats=BeatsDims(embed_dim=32, encoder_layers=2, encoder_embed_dim=48,
+                        encoder_ffn_embed_dim=96, encoder_attention_heads=4),
+        qformer=QFormerDims(hidden=96, n_layers=2, n_heads=4, intermediate=192),
+        llm=LlmDims(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
+                    vocab_size=32000),
+    )
+
+
+PRESETS = {"official-13b": official_13b, "official-7b": official_7b, "tiny": tiny}

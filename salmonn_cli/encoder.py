@@ -1,0 +1,50 @@
+"""The audio encoder (Whisper + BEATs + fusion + window Q-Former + projection) through ONNX Runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from salmonn_cli.errors import ModelError
+
+# Input/output names of the exported graph (export/onnx_encoder.py writes them).
+INPUT_MEL = "mel"
+INPUT_FBANK = "fbank"
+OUTPUT_EMBEDS = "audio_embeds"
+
+
+def available_providers(use_gpu: bool = True) -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    wanted = (["CUDAExecutionProvider"] if use_gpu else []) + ["CPUExecutionProvider"]
+    return [p for p in wanted if p in have]
+
+
+class AudioEncoder:
+    def __init__(self, path: str | Path, n_threads: int = 1, use_gpu: bool = True):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = n_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                providers=available_providers(use_gpu))
+        except Exception as e:  # ORT raises its own exception types for corrupt graphs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load audio encoder {path}: {first}") from None
+        names = {i.name for i in self.session.get_inputs()}
+        if names != {INPUT_MEL, INPUT_FBANK}:
+            raise ModelError(f"audio encoder {path} has inputs {sorted(names)}, "
+                             f"expected {INPUT_MEL!r} and {INPUT_FBANK!r}")
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, mel: np.ndarray, fbank: np.ndarray) -> np.ndarray:
+        """mel (n_mels, frames), fbank (F, 128) -> audio embeddings (n_tokens, llm_hidden) float32."""
+        (embeds,) = self.session.run(
+            [OUTPUT_EMBEDS],
+            {INPUT_MEL: mel[None].astype(np.float32), INPUT_FBANK: fbank[None].astype(np.float32)},
+        )
+        return np.ascontiguousarray(embeds, dtype=np.float32)

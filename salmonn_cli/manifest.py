@@ -1,0 +1,157 @@
+"""The exported model's contract: `salmonn.json` in a model directory.
+
+Export writes it; the runtime trusts nothing else about a model. Every file it names is checked
+against its sha256 before it is loaded (the check is cached by path, size and mtime).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from salmonn_cli.config import SalmonnConfig
+from salmonn_cli.errors import ModelError
+
+MANIFEST_NAME = "salmonn.json"
+FORMAT_NAME = "salmonn-model"
+FORMAT_VERSION = 1
+ENV_MODEL_DIR = "SALMONN_MODEL"
+HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class Manifest:
+    model_dir: Path
+    config: SalmonnConfig
+    audio_encoder: str        # file name of the ONNX audio encoder
+    llm: str                  # file name of the GGUF LLM
+    quant: str                # quantization of the GGUF (f32, f16, q8_0, q4_k_m, ...)
+    files: dict[str, dict]    # file name -> {"sha256": ..., "size": ...}
+
+    def path(self, name: str) -> Path:
+        return self.model_dir / name
+
+    @property
+    def exact_attention(self) -> bool:
+        """f32 exports exist for fidelity: run them with exact attention (see parity notes)."""
+        return self.quant == "f32"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: str,
+                  model_dir: Path, extra: dict | None = None) -> dict:
+    """The manifest for the files already written in `model_dir` (hashes computed here)."""
+    names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    files = {n: {"sha256": sha256_of(model_dir / n), "size": (model_dir / n).stat().st_size}
+             for n in names}
+    d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+         "audio_encoder": audio_encoder, "llm": llm, "quant": quant,
+         "config": config.to_dict(), "files": files}
+    if extra:
+        d.update(extra)
+    return d
+
+
+def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
+    if model_dir is None or str(model_dir) == "":
+        env = os.environ.get(ENV_MODEL_DIR)
+        if not env:
+            raise ModelError(f"no model given: pass --model DIR or set ${ENV_MODEL_DIR}")
+        model_dir = env
+    return Path(model_dir).expanduser()
+
+
+def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> Manifest:
+    root = resolve_model_dir(model_dir)
+    if not root.is_dir():
+        raise ModelError(f"model directory not found: {root}")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ModelError(f"{root} is not a salmonn model directory (no {MANIFEST_NAME}); "
+                         "create one with `salmonn export`")
+    try:
+        d = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+        raise ModelError(f"{mpath} is not a salmonn model manifest")
+    version = d.get("format_version")
+    if not isinstance(version, int):
+        raise ModelError(f"{mpath} has no valid format_version")
+    if version > FORMAT_VERSION:
+        raise ModelError(f"{mpath} has format version {version}, this salmonn reads up to "
+                         f"{FORMAT_VERSION}: upgrade salmonn")
+    try:
+        manifest = Manifest(model_dir=root, config=SalmonnConfig.from_dict(d["config"]),
+                            audio_encoder=str(d["audio_encoder"]), llm=str(d["llm"]),
+                            quant=str(d["quant"]), files=dict(d["files"]))
+        for name, info in manifest.files.items():
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+                raise ValueError(f"bad file entry for {name!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelError(f"{mpath} is malformed: {e}") from None
+    for name in (manifest.audio_encoder, manifest.llm):
+        if name not in manifest.files:
+            raise ModelError(f"{mpath} does not list {name!r} in its files")
+    if verify:
+        verify_files(manifest)
+    return manifest
+
+
+# --- integrity ----------------------------------------------------------------------------------
+
+def _cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "salmonn" / "verified.json"
+
+
+def _load_cache() -> dict:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is only an optimisation
+
+
+def verify_files(manifest: Manifest) -> None:
+    """Check every listed file against its sha256; a (path, size, mtime) hit in the cache skips hashing."""
+    cache = _load_cache()
+    changed = False
+    for name, info in manifest.files.items():
+        path = manifest.path(name)
+        if not path.is_file():
+            raise ModelError(f"model file missing: {path}")
+        st = path.stat()
+        if "size" in info and st.st_size != info["size"]:
+            raise ModelError(f"model file {path} has {st.st_size} bytes, the manifest says "
+                             f"{info['size']}: the file is truncated or replaced; re-export the model")
+        key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, info["sha256"]]
+        if cache.get(key) == stamp:
+            continue
+        if sha256_of(path) != info["sha256"]:
+            raise ModelError(f"model file {path} does not match its sha256 in the manifest: "
+                             "the file is corrupted or replaced; re-export the model")
+        cache[key] = stamp
+        changed = True
+    if changed:
+        _save_cache(cache)
