@@ -49,8 +49,21 @@ class BeatsDims:
 
     @classmethod
     def from_official_cfg(cls, cfg: dict) -> "BeatsDims":
+        """Keys missing from a checkpoint's cfg take the official `BEATsConfig` defaults, which
+        differ from this class's (cpt2) defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        merged = {**OFFICIAL_BEATS_CONFIG_DEFAULTS, **cfg}
+        return cls(**{k: v for k, v in merged.items() if k in names})
+
+
+# `BEATsConfig.__init__` defaults of the official code (microsoft/unilm beats/BEATs.py).
+OFFICIAL_BEATS_CONFIG_DEFAULTS = {
+    "input_patch_size": -1, "embed_dim": 512, "conv_bias": False, "encoder_layers": 12,
+    "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072, "encoder_attention_heads": 12,
+    "activation_fn": "gelu", "layer_norm_first": False, "deep_norm": False, "conv_pos": 128,
+    "conv_pos_groups": 16, "relative_position_embedding": False, "num_buckets": 320,
+    "max_distance": 1280, "gru_rel_pos": False, "finetuned_model": False, "predictor_class": 527,
+}
 
 
 @dataclass
