@@ -32,8 +32,8 @@ def nucleus_probabilities(logits: np.ndarray, temperature: float, top_p: float) 
     probs /= probs.sum()
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = int(np.searchsorted(cumulative, top_p) + 1)
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        keep = max(1, int(np.count_nonzero(mass_before < top_p - 1e-9)))
         mask = np.zeros_like(probs, dtype=bool)
         mask[order[:keep]] = True
         probs = np.where(mask, probs, 0.0)

@@ -1,0 +1,35 @@
+# Everything a fresh machine needs, in two commands:  make demo   and   make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+DEMO_MODEL ?= models/official-tiny-f32
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# llama-cpp-python is compiled from source here (about 5 minutes on 2 cores, cached by pip after)
+	$(PY) -m pip install -e '.[train,test]'
+	touch $@
+
+# Until salmonn-nano exists, the demo converts the official-format tiny fixture (random weights:
+# the answer is gibberish, but it is exactly what the official implementation answers).
+demo: setup
+	test -f $(DEMO_MODEL)/salmonn.json || $(VENV)/bin/salmonn export \
+	    --official-ckpt $(SHARED)/fixtures/official-tiny/salmonn_tiny.pth \
+	    --whisper $(SHARED)/fixtures/official-tiny/whisper \
+	    --beats $(SHARED)/fixtures/official-tiny/beats.pt \
+	    --llm $(SHARED)/fixtures/official-tiny/vicuna \
+	    --quant f32 --out $(DEMO_MODEL)
+	$(VENV)/bin/salmonn ask $(SHARED)/fixtures/official-tiny/speech_2p5s.wav "Describe the audio." \
+	    --model $(DEMO_MODEL) --max-tokens 8
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) models

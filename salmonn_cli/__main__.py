@@ -1,0 +1,3 @@
+from salmonn_cli.cli import main
+
+main()
