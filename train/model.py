@@ -1,0 +1,235 @@
+"""The SALMONN model in PyTorch: Whisper + BEATs, fused frame by frame, window Q-Former, LoRA LLaMA.
+
+Submodule names match the official checkpoint (`speech_encoder`, `beats`, `ln_speech`, `ln_audio`,
+`speech_Qformer`, `speech_query_tokens`, `speech_llama_proj`, `llama_model`), so the official
+state-dict keys address this model directly.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from salmonn_cli.config import LlmDims, LoraDims, SalmonnConfig
+from salmonn_cli.errors import ModelError
+from train.beats import BEATs
+from train.qformer import QFormer
+from train.whisper import build_whisper_encoder
+
+LORA_ADAPTER = "default"       # peft's adapter name; appears in the official key names
+# Parameters the official code trains (and its checkpoints store), by name.
+TRAINABLE_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_proj.", "ln_speech.", "ln_audio.")
+LORA_NAME_PARTS = (".lora_A.", ".lora_B.")
+LN_SPEECH_EPS = 1e-5           # nn.LayerNorm default, as in the official code (both LNs)
+QUERY_TOKEN_INIT_STD = 0.02
+
+
+# --- LLM -----------------------------------------------------------------------------------------
+
+def llama_config(dims: LlmDims) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.n_layers, num_attention_heads=dims.n_heads, num_key_value_heads=dims.n_kv_heads,
+        max_position_embeddings=dims.max_position_embeddings, rms_norm_eps=dims.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": dims.rope_theta},
+        tie_word_embeddings=dims.tie_word_embeddings,
+        bos_token_id=dims.bos_token_id, eos_token_id=dims.eos_token_id, pad_token_id=None,
+    )
+
+
+def build_llama(dims: LlmDims, weights: dict[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of shape `dims`: random init, or exactly `weights` (HF names, strict).
+
+    With weights the model is built on the meta device and the tensors are adopted as they are, so
+    a 13B model is never initialised randomly nor held twice in memory.
+    """
+    config = llama_config(dims)
+    if weights is None:
+        return LlamaForCausalLM(config).eval()
+    weights = dict(weights)
+    if dims.tie_word_embeddings and "model.embed_tokens.weight" in weights:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(config)
+    expected = llm.state_dict()
+    for name in expected:
+        if name not in weights:
+            raise ModelError(f"LLM weights lack {name!r}")
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise ModelError(f"unexpected LLM weight {name!r}")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelError(f"LLM weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the config implies {tuple(expected[name].shape)}")
+    llm.load_state_dict(weights, strict=True, assign=True)
+    # non-persistent buffers (RoPE inverse frequencies) were created on the meta device
+    llm.model.rotary_emb = LlamaRotaryEmbedding(config)
+    if dims.tie_word_embeddings:
+        llm.lm_head.weight = llm.model.embed_tokens.weight
+    left_on_meta = [name for name, t in [*llm.named_parameters(), *llm.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"LLM tensors left uninitialised: {left_on_meta}")
+    return llm.eval()
+
+
+def wrap_lora(llm: LlamaForCausalLM, lora: LoraDims) -> nn.Module:
+    config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), bias="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(llm, config, adapter_name=LORA_ADAPTER)
+
+
+# --- audio path ----------------------------------------------------------------------------------
+
+def pad_time(x: torch.Tensor, frames) -> torch.Tensor:
+    """Zero-pad (B, T, C) at the end of the time axis to `frames`."""
+    return F.pad(x, (0, 0, 0, frames - x.shape[1]))
+
+
+def cut_windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """(B, T, C) -> (B, L, kernel, C) with L = (T - kernel) // stride + 1; trailing frames are dropped."""
+    n_windows = (x.shape[1] - kernel) // stride + 1
+    starts = torch.arange(n_windows, device=x.device) * stride
+    index = starts.unsqueeze(1) + torch.arange(kernel, device=x.device).unsqueeze(0)
+    return x[:, index]
+
+
+class AudioEncoder(nn.Module):
+    """(mel, fbank) -> LLM-space audio embeddings, holding the very submodules of a `Salmonn`.
+
+    `forward` takes batch 1 and returns (n_audio_tokens, llm_hidden): the export signature.
+    """
+
+    def __init__(self, model: "Salmonn"):
+        super().__init__()
+        self.speech_encoder = model.speech_encoder
+        self.beats = model.beats
+        self.ln_speech = model.ln_speech
+        self.ln_audio = model.ln_audio
+        self.speech_Qformer = model.speech_Qformer
+        self.speech_query_tokens = model.speech_query_tokens
+        self.speech_llama_proj = model.speech_llama_proj
+        self.window_frames = model.config.window_frames
+        self.stride_frames = model.config.stride_frames
+
+    def fuse(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, 3000), (B, F, 128) -> (B, T, whisper_d + beats_width): the official `qformer_in`."""
+        speech = self.ln_speech(self.speech_encoder(mel).last_hidden_state)
+        audio = self.ln_audio(self.beats(fbank))
+        frames = torch.sym_max(speech.shape[1], audio.shape[1])
+        return torch.cat([pad_time(speech, frames), pad_time(audio, frames)], dim=-1)
+
+    def qformer(self, fused: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> Q-Former last hidden state (B * L, Q, qformer_hidden)."""
+        windows = cut_windows(fused, self.window_frames, self.stride_frames)
+        b, n_windows, kernel, width = windows.shape
+        windows = windows.reshape(b * n_windows, kernel, width)
+        queries = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
+        return self.speech_Qformer(queries, windows)
+
+    def embed(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, 3000), (B, F, 128) -> (B, L * Q, llm_hidden)."""
+        batch = mel.shape[0]
+        tokens = self.speech_llama_proj(self.qformer(self.fuse(mel, fbank)))
+        return tokens.reshape(batch, -1, tokens.shape[-1])
+
+    def forward(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
+        return self.embed(mel, fbank)[0]
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+class Salmonn(nn.Module):
+    """SALMONN v1. Pre-built encoders / LLM may be passed in (loaded weights); otherwise random init.
+
+    Frozen: Whisper, BEATs, the LLM base. Trainable: Q-Former, query tokens, projection, both
+    LayerNorms and the LoRA matrices, exactly the set the official checkpoint stores.
+    """
+
+    def __init__(self, config: SalmonnConfig, *, speech_encoder: nn.Module | None = None,
+                 beats: nn.Module | None = None, llm: LlamaForCausalLM | None = None):
+        super().__init__()
+        self.config = config
+        self.speech_encoder = speech_encoder if speech_encoder is not None else build_whisper_encoder(config.whisper)
+        self.beats = beats if beats is not None else BEATs(config.beats)
+        self.ln_speech = nn.LayerNorm(config.whisper.d_model, eps=LN_SPEECH_EPS)
+        self.ln_audio = nn.LayerNorm(config.beats.encoder_embed_dim, eps=LN_SPEECH_EPS)
+        self.speech_Qformer = QFormer(config.qformer, config.fused_width)
+        self.speech_query_tokens = nn.Parameter(
+            torch.randn(1, config.qformer.num_query_tokens, config.qformer.hidden) * QUERY_TOKEN_INIT_STD)
+        self.speech_llama_proj = nn.Linear(config.qformer.hidden, config.llm.hidden_size)
+        llm = llm if llm is not None else build_llama(config.llm)
+        self.llama_model = wrap_lora(llm, config.lora)
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_trainable_name(name))
+        self._lora_scale = config.lora.scale
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Salmonn":
+        super().train(mode)
+        # the encoders are frozen feature extractors: never dropout / layerdrop
+        self.speech_encoder.eval()
+        self.beats.eval()
+        return self
+
+    # --- audio ---------------------------------------------------------------------------------
+    def audio_encoder(self) -> AudioEncoder:
+        """An export-friendly view sharing this model's submodules (not copies)."""
+        return AudioEncoder(self)
+
+    def fuse(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
+        return self.audio_encoder().fuse(mel, fbank)
+
+    def encode_audio(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, 3000), (B, F, 128) -> (B, n_audio_tokens, llm_hidden)."""
+        return self.audio_encoder().embed(mel, fbank)
+
+    # --- LLM -----------------------------------------------------------------------------------
+    @property
+    def llm(self) -> LlamaForCausalLM:
+        """The LoRA-wrapped LlamaForCausalLM itself (its q/v projections carry the adapters)."""
+        return self.llama_model.base_model.model
+
+    def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Token ids -> (1, len, llm_hidden)."""
+        embedding = self.llama_model.get_input_embeddings()
+        ids = torch.as_tensor(ids, dtype=torch.long, device=embedding.weight.device).reshape(1, -1)
+        return embedding(ids)
+
+    def llm_input_embeds(self, audio_embeds: torch.Tensor, ids_before: list[int],
+                         ids_after: list[int]) -> torch.Tensor:
+        """[BOS] + before + audio + after, the official order (spec §5.5): (1, T, llm_hidden)."""
+        before = self.embed_ids([self.config.llm.bos_token_id, *ids_before])
+        after = self.embed_ids(list(ids_after))
+        return torch.cat([before, audio_embeds.to(before.dtype), after], dim=1)
+
+    @property
+    def lora_scale(self) -> float:
+        """LoRA scaling (alpha / r = 4.0 officially); 0 disables the adapters."""
+        return self._lora_scale
+
+    @lora_scale.setter
+    def lora_scale(self, value: float) -> None:
+        for module in self.llama_model.modules():
+            if isinstance(module, LoraLayer) and LORA_ADAPTER in module.scaling:
+                module.scaling[LORA_ADAPTER] = float(value)
+        self._lora_scale = float(value)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters under their official names (what a SALMONN checkpoint holds)."""
+        return {name: p.detach() for name, p in self.named_parameters() if is_trainable_name(name)}
+
+
+def is_trainable_name(name: str) -> bool:
+    """True for the parameters SALMONN trains: connector, LayerNorms, LoRA (not the frozen bases)."""
+    if name.startswith(TRAINABLE_PREFIXES):
+        return True
+    return name.startswith("llama_model.") and any(part in name for part in LORA_NAME_PARTS)

@@ -1,0 +1,233 @@
+"""Official SALMONN checkpoints: build the model from the files, load them, and write the same layout.
+
+A SALMONN checkpoint (`salmonn_v1.pth`, `salmonn_7b_v0.pth`, our own saves) holds only the trained
+tensors: `{'model': state_dict, 'config': {'model': {...}}, ...}`. The frozen parts come from their
+own files: an HF Whisper folder, the BEATs `.pt`, an HF LLaMA/Vicuna folder. Every shape is read
+from those files; nothing here assumes a model size.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from salmonn_cli.config import LlmDims, LoraDims, QFormerDims, SalmonnConfig
+from salmonn_cli.errors import ModelError
+from train.beats import load_beats
+from train.model import LORA_ADAPTER, Salmonn, build_llama
+from train.whisper import load_whisper_encoder, read_hf_weights, read_json
+
+QFORMER_HEAD_DIM = 64          # BERT convention; the head count is not visible in tensor shapes
+QFORMER_PREFIX = "speech_Qformer.bert."
+QUERY_TOKENS_KEY = "speech_query_tokens"
+POSITION_IDS_KEY = "speech_Qformer.bert.embeddings.position_ids"
+INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
+EMBED_KEY = "model.embed_tokens.weight"
+LM_HEAD_KEY = "lm_head.weight"
+# frozen BEATs aliases the official save filter keeps (spec: fixture README, "official-format quirk")
+BEATS_ALIAS_RE = re.compile(r"^beats\.(encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight)$")
+LAYER_INDEX_RE = re.compile(re.escape(QFORMER_PREFIX) + r"encoder\.layer\.(\d+)\.")
+LORA_MODULE_RE = re.compile(r"\.(\w+)\.lora_A\.")
+# peft <= 0.2 wrote `...lora_A.weight`; current peft (and 0.3, the official pin) `...lora_A.default.weight`
+OLD_LORA_RE = re.compile(r"\.(lora_[AB])\.weight$")
+
+# `ckpt['config']['model']` keys and the official defaults used when a key is absent
+DEFAULT_LORA_ALPHA = 32.0
+DEFAULT_LORA_DROPOUT = 0.1
+# Not an official key: written by save_official_format because heads cannot be read from shapes.
+QFORMER_HEADS_KEY = "qformer_heads"
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state dict with LoRA keys in the current spelling, `config['model']` dict or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"SALMONN checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign files surface as many exception types
+        raise ModelError(f"cannot read SALMONN checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict):
+        raise ModelError(f"{path} is not a SALMONN checkpoint (not a dict)")
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    model_cfg = {}
+    if isinstance(ckpt.get("config"), dict) and isinstance(ckpt["config"].get("model"), dict):
+        model_cfg = ckpt["config"]["model"]
+    normalized = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelError(f"{path}: entry {key!r} is not a tensor")
+        normalized[OLD_LORA_RE.sub(rf".\1.{LORA_ADAPTER}.weight", key)] = tensor
+    return normalized, model_cfg
+
+
+def qformer_dims_from_state(state: dict[str, torch.Tensor], heads: int | None) -> QFormerDims:
+    if QUERY_TOKENS_KEY not in state:
+        raise ModelError(f"checkpoint lacks {QUERY_TOKENS_KEY!r}")
+    _, n_query, hidden = state[QUERY_TOKENS_KEY].shape
+    layers = {int(m.group(1)) for key in state if (m := LAYER_INDEX_RE.match(key))}
+    if not layers:
+        raise ModelError(f"checkpoint has no Q-Former layers ({QFORMER_PREFIX}encoder.layer.N.*)")
+    intermediate_key = f"{QFORMER_PREFIX}encoder.layer.0.intermediate_query.dense.weight"
+    if intermediate_key not in state:
+        raise ModelError(f"checkpoint lacks {intermediate_key!r}")
+    heads = heads if heads is not None else hidden // QFORMER_HEAD_DIM
+    if heads < 1 or hidden % heads:
+        raise ModelError(f"Q-Former hidden size {hidden} cannot be split into {heads} heads")
+    dims = QFormerDims(hidden=hidden, n_layers=max(layers) + 1, n_heads=heads,
+                       intermediate=state[intermediate_key].shape[0], num_query_tokens=n_query)
+    if POSITION_IDS_KEY in state:
+        dims.max_position_embeddings = state[POSITION_IDS_KEY].shape[-1]
+    return dims
+
+
+def lora_dims_from_state(state: dict[str, torch.Tensor], model_cfg: dict) -> LoraDims:
+    targets: list[str] = []
+    rank = None
+    for key, tensor in state.items():
+        match = LORA_MODULE_RE.search(key)
+        if match and key.startswith("llama_model."):
+            rank = tensor.shape[0]
+            if match.group(1) not in targets:
+                targets.append(match.group(1))
+    if rank is None:
+        raise ModelError("checkpoint has no LoRA weights (llama_model...lora_A...); "
+                         "checkpoints trained without LoRA are not supported")
+    return LoraDims(r=rank, alpha=float(model_cfg.get("lora_alpha", DEFAULT_LORA_ALPHA)),
+                    dropout=float(model_cfg.get("lora_dropout", DEFAULT_LORA_DROPOUT)), targets=tuple(targets))
+
+
+def read_llm(llm_dir: Path) -> tuple[LlmDims, dict[str, torch.Tensor]]:
+    """HF LLaMA folder -> (dims, fp32 weights without `rotary_emb.inv_freq`)."""
+    llm_dir = Path(llm_dir)
+    config = read_json(llm_dir / "config.json")
+    generation = read_json(llm_dir / "generation_config.json") if (llm_dir / "generation_config.json").is_file() else {}
+    if config.get("model_type", "llama") != "llama":
+        raise ModelError(f"{llm_dir} holds a {config.get('model_type')!r} model; a LLaMA-architecture LLM is needed")
+    if config.get("rope_scaling"):
+        raise ModelError(f"{llm_dir}: rope_scaling {config['rope_scaling']} is not supported")
+    weights = read_hf_weights(llm_dir, select=lambda name: not name.endswith(INV_FREQ_SUFFIX))
+    if EMBED_KEY not in weights:
+        raise ModelError(f"LLM weights in {llm_dir} lack {EMBED_KEY!r}")
+    # 32000 rows as shipped, or 32001 when saved after the official [PAD] resize
+    vocab_rows = weights[EMBED_KEY].shape[0]
+    if LM_HEAD_KEY in weights and weights[LM_HEAD_KEY].shape[0] != vocab_rows:
+        raise ModelError(f"LLM {LM_HEAD_KEY} has {weights[LM_HEAD_KEY].shape[0]} rows but the embedding {vocab_rows}")
+    try:
+        heads = int(config["num_attention_heads"])
+        rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        eos = generation.get("eos_token_id", config.get("eos_token_id", 2))
+        dims = LlmDims(
+            hidden_size=int(config["hidden_size"]), n_layers=int(config["num_hidden_layers"]), n_heads=heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or heads),
+            intermediate_size=int(config["intermediate_size"]), vocab_size=vocab_rows,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            bos_token_id=int(generation.get("bos_token_id", config.get("bos_token_id", 1))),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"cannot read the LLM config in {llm_dir}: {exc!r}") from exc
+    head_dim = config.get("head_dim")
+    if head_dim is not None and int(head_dim) != dims.head_dim:
+        raise ModelError(f"{llm_dir}: head_dim {head_dim} != hidden_size / heads ({dims.head_dim}) is not supported")
+    return dims, weights
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir: Path, *,
+                  qformer_heads: int | None = None) -> tuple[Salmonn, SalmonnConfig]:
+    """Build SALMONN from its four parts, every shape read from the files; eval mode, fp32."""
+    state, model_cfg = read_checkpoint(ckpt_path)
+    whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
+    beats = load_beats(beats_path)
+    llm_dims, llm_weights = read_llm(llm_dir)
+    if qformer_heads is None and model_cfg.get(QFORMER_HEADS_KEY) is not None:
+        qformer_heads = int(model_cfg[QFORMER_HEADS_KEY])
+    defaults = SalmonnConfig()
+    config = SalmonnConfig(
+        whisper=whisper_dims, beats=beats.dims,
+        qformer=qformer_dims_from_state(state, qformer_heads),
+        llm=llm_dims, lora=lora_dims_from_state(state, model_cfg),
+        second_per_window=float(model_cfg.get("second_per_window", defaults.second_per_window)),
+        second_stride=float(model_cfg.get("second_stride", defaults.second_stride)),
+        prompt_template=str(model_cfg.get("prompt_template", defaults.prompt_template)),
+    )
+    n_query = model_cfg.get("num_speech_query_token")
+    if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
+        raise ModelError(f"{ckpt_path}: config says {n_query} query tokens, "
+                         f"{QUERY_TOKENS_KEY} holds {config.qformer.num_query_tokens}")
+    llm = build_llama(llm_dims, llm_weights)
+    del llm_weights
+    model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
+    apply_checkpoint_state(model, state, source=str(ckpt_path))
+    return model.float().eval(), config
+
+
+def load_checkpoint_into(model: Salmonn, path: Path) -> None:
+    """Load an official-layout checkpoint (official or ours) into an existing model."""
+    state, _ = read_checkpoint(path)
+    apply_checkpoint_state(model, state, source=str(path))
+
+
+def apply_checkpoint_state(model: Salmonn, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict on the trained tensors: an unexpected key, a missing trainable key or a shape mismatch
+    raises ModelError naming it. `rotary_emb.inv_freq` is ignored; the BEATs rel-pos aliases must
+    equal the loaded BEATs table (they are frozen copies of it)."""
+    trainable = model.trainable_state_dict()
+    beats_state = model.beats.state_dict()
+    to_load = {}
+    for key, tensor in state.items():
+        if key.endswith(INV_FREQ_SUFFIX):
+            continue
+        alias = BEATS_ALIAS_RE.match(key)
+        if alias:
+            table = beats_state.get(alias.group(1))
+            if table is None:
+                raise ModelError(f"{source}: unexpected key {key!r} (BEATs has no such layer)")
+            if tuple(tensor.shape) != tuple(table.shape) or not torch.equal(tensor.to(table.dtype), table):
+                raise ModelError(f"{source}: {key!r} differs from the BEATs checkpoint's table; "
+                                 "the BEATs file does not belong to this SALMONN checkpoint")
+            continue
+        if key not in trainable and key != POSITION_IDS_KEY:
+            raise ModelError(f"{source}: unexpected key {key!r}")
+        target = trainable[key] if key in trainable else model.get_buffer(POSITION_IDS_KEY)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ModelError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+        to_load[key] = tensor
+    missing = [key for key in trainable if key not in to_load]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(f"{source}: missing trained tensor {missing[0]!r}{more}")
+    with torch.no_grad():
+        result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def official_model_config(config: SalmonnConfig) -> dict:
+    """The `ckpt['config']['model']` entries that describe the trained tensors."""
+    return {
+        "num_speech_query_token": config.qformer.num_query_tokens,
+        "second_per_window": config.second_per_window,
+        "second_stride": config.second_stride,
+        "window_level_Qformer": True,
+        "lora": True,
+        "lora_rank": config.lora.r,
+        "lora_alpha": config.lora.alpha,
+        "lora_dropout": config.lora.dropout,
+        "prompt_template": config.prompt_template,
+        QFORMER_HEADS_KEY: config.qformer.n_heads,
+    }
+
+
+def save_official_format(model: Salmonn, path: Path) -> None:
+    """Write `{'model': trained tensors (official names), 'config': {'model': ...}}`."""
+    state = {key: tensor.detach().cpu().clone() for key, tensor in model.trainable_state_dict().items()}
+    torch.save({"model": state, "config": {"model": official_model_config(model.config)}}, Path(path))
