@@ -7,6 +7,7 @@ is too inaccurate for the official tolerance).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def export_audio_encoder(audio_encoder: torch.nn.Module, config: SalmonnConfig, 
     fbank = torch.randn(1, example_frames, FBANK_BINS)
     frames = torch.export.Dim("fbank_frames", min=config.beats.input_patch_size,
                               max=max_fbank_frames(config))
+    # the exporter logs a warning per missing optional operator library (torchvision, ...)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -20,7 +20,6 @@ N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a 30 s chunk
-MIN_SECONDS = 1.0
 RESAMPLE_QUALITY = "VHQ"
 KEPT_CHANNEL = 0  # the official code keeps the first channel of a multi-channel file
 
@@ -38,6 +37,12 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def _reason(error: Exception) -> str:
+    # LibsndfileError.error_string is libsndfile's own text, without the "Error opening '<path>'" prefix
+    text = getattr(error, "error_string", None) or str(error) or type(error).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
 def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
     """Frames [start, stop) of channel 0 as float64 in [-1, 1], and the file's sample rate.
 
@@ -52,8 +57,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None
             n_frames = -1 if stop is None else max(stop - start, 0)
             block = f.read(n_frames, dtype="float64", always_2d=True)
     except _READ_ERRORS as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AudioError(f"cannot read audio file {p}: {reason}") from None
+        raise AudioError(f"cannot read audio file {p}: {_reason(e)}") from None
     return np.ascontiguousarray(block[:, KEPT_CHANNEL]), sample_rate
 
 

@@ -71,6 +71,7 @@ def ask(
             "truncated": audio_input.truncated,
             "prompt_tokens": answer.prompt_tokens,
             "quant": pipeline.manifest.quant,
+            "encoder_provider": pipeline.encoder.provider,
             "timings": {
                 "audio_load_s": round(audio_input.load_s, 4),
                 "encoder_s": round(audio_input.encode_s, 4),

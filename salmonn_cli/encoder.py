@@ -29,12 +29,17 @@ class AudioEncoder:
         options.intra_op_num_threads = n_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # onnxruntime-gpu lists CUDA even when its libraries are absent, then logs a failed load and
+        # falls back to the CPU: keep that quiet, the chosen provider is reported in `provider`.
+        ort.set_default_logger_severity(4)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=available_providers(use_gpu))
         except Exception as e:  # ORT raises its own exception types for corrupt graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load audio encoder {path}: {first}") from None
+        finally:
+            ort.set_default_logger_severity(3)
         names = {i.name for i in self.session.get_inputs()}
         if names != {INPUT_MEL, INPUT_FBANK}:
             raise ModelError(f"audio encoder {path} has inputs {sorted(names)}, "
