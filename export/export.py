@@ -11,7 +11,6 @@ place at the very end: an interrupted or failed export leaves no model directory
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -20,22 +19,11 @@ from pathlib import Path
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import MANIFEST_NAME, manifest_dict
 
-LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight$")
 AUDIO_ENCODER_FILE = "audio_encoder.onnx"
 
 
 def llm_file_name(quant: str) -> str:
     return f"llm-{quant}.gguf"
-
-
-def lora_tensors(state_dict) -> dict:
-    """{HF module name: (A, B)} as float32 numpy arrays, from a Salmonn state dict."""
-    parts: dict[str, dict[str, object]] = {}
-    for key, tensor in state_dict.items():
-        m = LORA_KEY.match(key)
-        if m:
-            parts.setdefault(m.group(1), {})[m.group(2)] = tensor.detach().float().cpu().numpy()
-    return {name: (ab["A"], ab["B"]) for name, ab in parts.items()}
 
 
 def checkpoint_sources(ckpt_path: Path) -> dict:
@@ -102,7 +90,7 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
                  force: bool = False, qformer_heads: int | None = None, log=print) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from export.gguf import write_llama_gguf
+    from export.gguf import official_lora_pairs, write_llama_gguf
     from export.onnx_encoder import export_audio_encoder
     from export.quantize import QUANT_TYPES, quantize_gguf
     from train.model import AudioEncoder
@@ -123,10 +111,11 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
         TimeElapsedColumn(), transient=True,
     ) as progress:
         step = progress.add_task("loading the PyTorch model", total=None)
-        model, config = load_official(ckpt, whisper, beats, llm, qformer_heads=qformer_heads)
+        model, config = load_official(ckpt, whisper, beats, llm, qformer_heads=qformer_heads,
+                                      llm_weights=False)   # the GGUF writer reads the LLM itself
         progress.update(step, description="exporting the audio encoder to ONNX")
         export_audio_encoder(AudioEncoder(model), config, tmp / AUDIO_ENCODER_FILE)
-        lora = lora_tensors(model.state_dict())
+        lora = official_lora_pairs(model.trainable_state_dict())
         del model
         progress.remove_task(step)
 

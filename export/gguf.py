@@ -1,14 +1,14 @@
 """Write a LLaMA-architecture HF checkpoint, with SALMONN's LoRA merged in, as one llama.cpp GGUF file.
 
-Weights are read one tensor at a time (safetensors through a memory map, or pytorch .bin through
-torch's mmap loader), so exporting a 13B model never holds more than a tensor or two in RAM.
+Weights are read one tensor at a time (train/hf_files.py: safetensors through a memory map, or
+pytorch .bin through torch's mmap loader), so exporting a 13B model never holds more than a tensor
+or two in RAM.
 The tokenizer goes in as llama.cpp's "llama" (SentencePiece) tokenizer model; `read_tokenizer` is
 the one place to teach another tokenizer format.
 """
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,15 +18,13 @@ import numpy as np
 
 from salmonn_cli.config import LlmDims
 from salmonn_cli.errors import ModelError
+from train.hf_files import as_float32, open_checkpoint
 
 ARCH = "llama"
 OUT_TYPES = {  # out_type -> (numpy dtype of 2-D weights, GGUF general.file_type)
     "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
 }
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -87,14 +85,8 @@ def official_lora_pairs(state_dict: Mapping) -> dict[str, tuple[np.ndarray, np.n
         b_key = key[:-len(OFFICIAL_LORA_A_SUFFIX)] + OFFICIAL_LORA_B_SUFFIX
         if b_key not in state_dict:
             raise ModelError(f"checkpoint has {key} but no {b_key}")
-        pairs[module] = (_to_float32(state_dict[key]), _to_float32(state_dict[b_key]))
+        pairs[module] = (as_float32(state_dict[key]), as_float32(state_dict[b_key]))
     return pairs
-
-
-def _to_float32(t) -> np.ndarray:
-    if hasattr(t, "detach"):     # torch tensor; numpy has no bfloat16, so upcast in torch
-        t = t.detach().cpu().float().numpy()
-    return np.asarray(t, dtype=np.float32)
 
 
 # --- rotary layout -------------------------------------------------------------------------------
@@ -110,111 +102,6 @@ def permute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
             .swapaxes(1, 2)
             .reshape(weight.shape))
-
-
-# --- checkpoint readers --------------------------------------------------------------------------
-
-class _SafetensorsShards:
-    """safetensors files read through a memory map; any dtype (BF16 too) comes out as float32."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[np.memmap, dict]] = {}
-        for path in files:
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                try:
-                    header = json.loads(f.read(header_len))
-                except ValueError:
-                    raise ModelError(f"{path} is not a valid safetensors file") from None
-            data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (data, info)
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][1]["shape"])
-
-    def load(self, name: str) -> np.ndarray:
-        data, info = self._where[name]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ModelError(f"tensor {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        raw = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":     # bfloat16 is the top half of a float32
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
-
-
-class _TorchBinShards:
-    """pytorch_model*.bin files (torch imported only here, loaded lazily with mmap)."""
-
-    def __init__(self, files: list[Path]):
-        import torch
-
-        self._tensors = {}
-        for path in files:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise ModelError(f"cannot read {path}: {e}".splitlines()[0]) from None
-            self._tensors.update(sd)
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def load(self, name: str) -> np.ndarray:
-        return _to_float32(self._tensors[name])
-
-
-def open_checkpoint(llm_dir: Path):
-    """A reader over the weights of an HF model directory (safetensors preferred over .bin)."""
-    for index_name, reader in ((SAFETENSORS_INDEX, _SafetensorsShards), (TORCH_BIN_INDEX, _TorchBinShards)):
-        index = llm_dir / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (llm_dir / s).is_file()]
-            if missing:
-                raise ModelError(f"{llm_dir}: shard {missing[0]} named in {index_name} is missing")
-            return reader([llm_dir / s for s in shards])
-    safetensors = sorted(llm_dir.glob("*.safetensors"))
-    if safetensors:
-        return _SafetensorsShards(safetensors)
-    bins = sorted(llm_dir.glob("pytorch_model*.bin"))
-    if bins:
-        return _TorchBinShards(bins)
-    raise ModelError(f"{llm_dir} has no *.safetensors or pytorch_model*.bin weights")
-
-
-def read_llm_dims(llm_dir: str | Path) -> LlmDims:
-    """LlmDims from an HF LLaMA `config.json`."""
-    path = Path(llm_dir) / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{Path(llm_dir)} has no config.json")
-    c = json.loads(path.read_text())
-    if c.get("model_type", "llama") != "llama":
-        raise ModelError(f"{path}: model_type {c.get('model_type')!r} is not a LLaMA model")
-    n_heads = c["num_attention_heads"]
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}   # transformers 5 / 4 names
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ModelError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    if c.get("head_dim", c["hidden_size"] // n_heads) != c["hidden_size"] // n_heads:
-        raise ModelError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads")
-    return LlmDims(
-        hidden_size=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads,
-        intermediate_size=c["intermediate_size"], vocab_size=c["vocab_size"],
-        rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        max_position_embeddings=c.get("max_position_embeddings", 2048),
-        tie_word_embeddings=c.get("tie_word_embeddings", False),
-        bos_token_id=c.get("bos_token_id", 1), eos_token_id=c.get("eos_token_id", 2),
-    )
 
 
 # --- tokenizer -----------------------------------------------------------------------------------

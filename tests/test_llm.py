@@ -19,11 +19,11 @@ import torch
 from gguf import GGUFReader
 from safetensors.numpy import load_file, save_file
 
-from export.gguf import (merge_lora, official_lora_pairs, permute_rotary_rows, read_llm_dims,
-                         write_llama_gguf)
+from export.gguf import merge_lora, official_lora_pairs, permute_rotary_rows, write_llama_gguf
 from export.quantize import QUANT_TYPES, quantize_gguf
 from salmonn_cli.errors import ModelError
 from salmonn_cli.llm import ContextOverflowError, LlamaModel
+from train.hf_files import read_llm_dims
 
 from conftest import OFFICIAL_TINY, REPO
 

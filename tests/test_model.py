@@ -15,8 +15,9 @@ import torch
 from salmonn_cli import config as cfgmod
 from salmonn_cli.errors import ModelError
 from conftest import OFFICIAL_TINY, REFERENCE_INPUTS
-from train.model import Salmonn, build_llama, cut_windows
-from train.official import load_checkpoint_into, load_official, read_llm, save_official_format
+from train.hf_files import read_llm_dims
+from train.model import Salmonn, build_llama, cut_windows, is_trainable_name
+from train.official import load_checkpoint_into, load_official, save_official_format
 
 EMBED_ATOL = 1e-4
 LLM_ATOL = 5e-4
@@ -286,8 +287,33 @@ def test_llm_with_pad_row(official, reference, tmp_path):
         weights[key] = torch.cat([weights[key], weights[key].mean(0, keepdim=True)])
     (llm_dir / "model.safetensors").unlink()
     save_file(weights, llm_dir / "model.safetensors")
-    dims, _ = read_llm(llm_dir)
-    assert dims.vocab_size == 32001
+    assert read_llm_dims(llm_dir).vocab_size == 32001
     model, _ = load_official(*official_paths(llm_dir=llm_dir))
     embeds = torch.from_numpy(reference["speech.llm_input_embeds"])
     assert max_diff(last_logits(model, embeds), reference["speech.last_logits"]) <= LLM_ATOL
+
+
+def test_weightless_llm_keeps_audio_path_and_lora(official, official_ckpt, reference):
+    """llm_weights=False (what export uses): the frozen LLM base stays on the meta device, every
+    trained tensor and the whole audio path are real; audio_embeds vs reference within 1e-4."""
+    model, cfg = load_official(*official_paths(), llm_weights=False)
+    assert cfg == official[1]
+    base = {n for n, p in model.named_parameters() if n.startswith("llama_model.") and not is_trainable_name(n)}
+    assert "llama_model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in base
+    for name, param in model.named_parameters():
+        assert param.is_meta == (name in base), name
+    assert not any(b.is_meta for n, b in model.named_buffers() if not n.startswith("llama_model."))
+    trained = model.trainable_state_dict()
+    lora_keys = [k for k in official_ckpt["model"] if ".lora_" in k]
+    assert len(lora_keys) == 8
+    for key in lora_keys:
+        assert torch.equal(trained[key], official_ckpt["model"][key]), key
+    assert_same_trained_tensors(model, official[0])
+    encoder = model.audio_encoder()
+    with torch.no_grad():
+        for name in INPUTS:
+            tokens = encoder(torch.from_numpy(reference[f"{name}.mel"]),
+                             torch.from_numpy(reference[f"{name}.beats_fbank"]))
+            diff = max_diff(tokens, reference[f"{name}.audio_embeds"][0])
+            print(f"weightless {name}.audio_embeds max abs diff {diff:.2e}")
+            assert diff <= EMBED_ATOL

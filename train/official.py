@@ -11,20 +11,21 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import LlamaForCausalLM
 
-from salmonn_cli.config import LlmDims, LoraDims, QFormerDims, SalmonnConfig
+from salmonn_cli.config import LoraDims, QFormerDims, SalmonnConfig
 from salmonn_cli.errors import ModelError
 from train.beats import load_beats
-from train.model import LORA_ADAPTER, Salmonn, build_llama
-from train.whisper import load_whisper_encoder, read_hf_weights, read_json
+from train.hf_files import read_llm_dims, read_tensors
+from train.model import LORA_ADAPTER, Salmonn, build_llama, is_trainable_name, llama_config
+from train.whisper import load_whisper_encoder
 
 QFORMER_HEAD_DIM = 64          # BERT convention; the head count is not visible in tensor shapes
 QFORMER_PREFIX = "speech_Qformer.bert."
 QUERY_TOKENS_KEY = "speech_query_tokens"
 POSITION_IDS_KEY = "speech_Qformer.bert.embeddings.position_ids"
 INV_FREQ_SUFFIX = "rotary_emb.inv_freq"
-EMBED_KEY = "model.embed_tokens.weight"
-LM_HEAD_KEY = "lm_head.weight"
+LLM_PREFIX = "llama_model."
 # frozen BEATs aliases the official save filter keeps (spec: fixture README, "official-format quirk")
 BEATS_ALIAS_RE = re.compile(r"^beats\.(encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight)$")
 LAYER_INDEX_RE = re.compile(re.escape(QFORMER_PREFIX) + r"encoder\.layer\.(\d+)\.")
@@ -100,53 +101,26 @@ def lora_dims_from_state(state: dict[str, torch.Tensor], model_cfg: dict) -> Lor
                     dropout=float(model_cfg.get("lora_dropout", DEFAULT_LORA_DROPOUT)), targets=tuple(targets))
 
 
-def read_llm(llm_dir: Path) -> tuple[LlmDims, dict[str, torch.Tensor]]:
-    """HF LLaMA folder -> (dims, fp32 weights without `rotary_emb.inv_freq`)."""
-    llm_dir = Path(llm_dir)
-    config = read_json(llm_dir / "config.json")
-    generation = read_json(llm_dir / "generation_config.json") if (llm_dir / "generation_config.json").is_file() else {}
-    if config.get("model_type", "llama") != "llama":
-        raise ModelError(f"{llm_dir} holds a {config.get('model_type')!r} model; a LLaMA-architecture LLM is needed")
-    if config.get("rope_scaling"):
-        raise ModelError(f"{llm_dir}: rope_scaling {config['rope_scaling']} is not supported")
-    weights = read_hf_weights(llm_dir, select=lambda name: not name.endswith(INV_FREQ_SUFFIX))
-    if EMBED_KEY not in weights:
-        raise ModelError(f"LLM weights in {llm_dir} lack {EMBED_KEY!r}")
-    # 32000 rows as shipped, or 32001 when saved after the official [PAD] resize
-    vocab_rows = weights[EMBED_KEY].shape[0]
-    if LM_HEAD_KEY in weights and weights[LM_HEAD_KEY].shape[0] != vocab_rows:
-        raise ModelError(f"LLM {LM_HEAD_KEY} has {weights[LM_HEAD_KEY].shape[0]} rows but the embedding {vocab_rows}")
-    try:
-        heads = int(config["num_attention_heads"])
-        rope_theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-        eos = generation.get("eos_token_id", config.get("eos_token_id", 2))
-        dims = LlmDims(
-            hidden_size=int(config["hidden_size"]), n_layers=int(config["num_hidden_layers"]), n_heads=heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or heads),
-            intermediate_size=int(config["intermediate_size"]), vocab_size=vocab_rows,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bos_token_id=int(generation.get("bos_token_id", config.get("bos_token_id", 1))),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"cannot read the LLM config in {llm_dir}: {exc!r}") from exc
-    head_dim = config.get("head_dim")
-    if head_dim is not None and int(head_dim) != dims.head_dim:
-        raise ModelError(f"{llm_dir}: head_dim {head_dim} != hidden_size / heads ({dims.head_dim}) is not supported")
-    return dims, weights
+def read_llm_weights(llm_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of an HF LLaMA folder, without `rotary_emb.inv_freq`."""
+    arrays = read_tensors(llm_dir, select=lambda name: not name.endswith(INV_FREQ_SUFFIX))
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 # --- loading -------------------------------------------------------------------------------------
 
 def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir: Path, *,
-                  qformer_heads: int | None = None) -> tuple[Salmonn, SalmonnConfig]:
-    """Build SALMONN from its four parts, every shape read from the files; eval mode, fp32."""
+                  qformer_heads: int | None = None, llm_weights: bool = True) -> tuple[Salmonn, SalmonnConfig]:
+    """Build SALMONN from its four parts, every shape read from the files; eval mode, fp32.
+
+    With `llm_weights=False` the frozen LLM base is left on the meta device (no memory, no file
+    read beyond its shapes): enough to export the audio encoder and read the trained LoRA, which
+    are real tensors. Such a model cannot run the LLM.
+    """
     state, model_cfg = read_checkpoint(ckpt_path)
     whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
     beats = load_beats(beats_path)
-    llm_dims, llm_weights = read_llm(llm_dir)
+    llm_dims = read_llm_dims(llm_dir)
     if qformer_heads is None and model_cfg.get(QFORMER_HEADS_KEY) is not None:
         qformer_heads = int(model_cfg[QFORMER_HEADS_KEY])
     defaults = SalmonnConfig()
@@ -162,10 +136,17 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
     if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
         raise ModelError(f"{ckpt_path}: config says {n_query} query tokens, "
                          f"{QUERY_TOKENS_KEY} holds {config.qformer.num_query_tokens}")
-    llm = build_llama(llm_dims, llm_weights)
-    del llm_weights
+    if llm_weights:
+        llm = build_llama(llm_dims, read_llm_weights(llm_dir))
+    else:
+        with torch.device("meta"):
+            llm = LlamaForCausalLM(llama_config(llm_dims))
     model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
     apply_checkpoint_state(model, state, source=str(ckpt_path))
+    left_on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.is_meta and (is_trainable_name(name) or not name.startswith(LLM_PREFIX))]
+    if left_on_meta:
+        raise RuntimeError(f"tensors left on the meta device: {left_on_meta[:3]}")
     return model.float().eval(), config
 
 
@@ -196,7 +177,7 @@ def apply_checkpoint_state(model: Salmonn, state: dict[str, torch.Tensor], sourc
             continue
         if key not in trainable and key != POSITION_IDS_KEY:
             raise ModelError(f"{source}: unexpected key {key!r}")
-        target = trainable[key] if key in trainable else model.get_buffer(POSITION_IDS_KEY)
+        target = _target(model, trainable, key)
         if tuple(tensor.shape) != tuple(target.shape):
             raise ModelError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
         to_load[key] = tensor
@@ -204,9 +185,18 @@ def apply_checkpoint_state(model: Salmonn, state: dict[str, torch.Tensor], sourc
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelError(f"{source}: missing trained tensor {missing[0]!r}{more}")
+    # Tensors of a model built on the meta device (the LoRA of a weightless LLM) cannot be copied
+    # into; they are adopted instead, in the model's dtype.
+    on_meta = {key for key in to_load if _target(model, trainable, key).is_meta}
+    adopted = {key: to_load.pop(key).to(_target(model, trainable, key).dtype) for key in on_meta}
     with torch.no_grad():
-        result = model.load_state_dict(to_load, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
+        for tensors, assign in ((to_load, False), (adopted, True)):
+            result = model.load_state_dict(tensors, strict=False, assign=assign)
+            assert not result.unexpected_keys, result.unexpected_keys
+
+
+def _target(model: Salmonn, trainable: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    return trainable[key] if key in trainable else model.get_buffer(key)
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -2,12 +2,10 @@
 
 `load_whisper_encoder(path)` picks a reader by what `path` holds; each reader returns the dims and
 the encoder's state dict in HF names, so another format (e.g. CTranslate2 `model.bin`) only needs a
-new reader in `WHISPER_READERS`. Also home of `read_hf_weights`, the reader of HF weight folders
-(safetensors or torch `.bin`, single file or sharded) that the LLM loader uses too.
+new reader in `WHISPER_READERS`. HF folders are read by train/hf_files.py.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,72 +15,11 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from salmonn_cli.config import WhisperDims
 from salmonn_cli.errors import ModelError
+from train.hf_files import read_json, read_tensors
 
 HF_CONFIG = "config.json"
-# Single-file and sharded weight layouts of `save_pretrained`, in order of preference.
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN_FILE = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # `WhisperModel` saves the encoder as `encoder.*`, `WhisperForConditionalGeneration` as `model.encoder.*`.
 ENCODER_PREFIXES = ("model.encoder.", "encoder.")
-
-
-# --- HF weight folders ---------------------------------------------------------------------------
-
-def hf_weight_files(hf_dir: Path) -> list[Path]:
-    """The weight files of an HF model folder (one file, or the shards an index names)."""
-    hf_dir = Path(hf_dir)
-    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (TORCH_BIN_FILE, TORCH_BIN_INDEX)):
-        if (hf_dir / single).is_file():
-            return [hf_dir / single]
-        if (hf_dir / index).is_file():
-            try:
-                weight_map = json.loads((hf_dir / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"cannot read {hf_dir / index}: {exc}") from exc
-            files = [hf_dir / name for name in sorted(set(weight_map.values()))]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise ModelError(f"weight shard listed in {index} is missing: {missing[0]}")
-            return files
-    raise ModelError(f"no {SAFETENSORS_FILE}, {TORCH_BIN_FILE} or sharded index in {hf_dir}")
-
-
-def read_hf_weights(hf_dir: Path, select: Callable[[str], bool] = lambda name: True,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Tensors of an HF model folder whose name passes `select`; floating tensors cast to `dtype`."""
-    weights: dict[str, torch.Tensor] = {}
-    for path in hf_weight_files(hf_dir):
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        if select(name):
-                            weights[name] = _cast(f.get_tensor(name), dtype)
-            else:
-                shard = torch.load(path, map_location="cpu", weights_only=True)
-                for name in list(shard):
-                    tensor = shard.pop(name)
-                    if select(name):
-                        weights[name] = _cast(tensor, dtype)
-        except ModelError:
-            raise
-        except Exception as exc:  # corrupt or foreign files surface as many different exception types
-            raise ModelError(f"cannot read weights from {path}: {exc}") from exc
-    return weights
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
 # --- the encoder ---------------------------------------------------------------------------------
@@ -115,11 +52,11 @@ def whisper_dims_from_hf_config(config: dict) -> WhisperDims:
 def read_hf_whisper(hf_dir: Path) -> tuple[WhisperDims, dict[str, torch.Tensor]]:
     """HF Whisper folder -> (dims, encoder state dict without the `encoder.` prefix)."""
     dims = whisper_dims_from_hf_config(read_json(Path(hf_dir) / HF_CONFIG))
-    weights = read_hf_weights(hf_dir, select=lambda name: name.startswith(ENCODER_PREFIXES))
+    weights = read_tensors(hf_dir, select=lambda name: name.startswith(ENCODER_PREFIXES))
     state = {}
-    for name, tensor in weights.items():
+    for name, array in weights.items():
         prefix = next(p for p in ENCODER_PREFIXES if name.startswith(p))
-        state[name[len(prefix):]] = tensor
+        state[name[len(prefix):]] = torch.from_numpy(array)
     return dims, state
 
 
