@@ -59,7 +59,7 @@ def ask(
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        answer = pipeline.answer(audio_input, prompt, decoding, on_text=None if as_json else stream)
+        answer = pipeline.answer(audio_input.embeds, prompt, decoding, on_text=None if as_json else stream)
     if as_json:
         n = len(answer.tokens)
         print(json.dumps({

@@ -39,8 +39,8 @@ class AudioInput:
     seconds: float            # length of the file's audio
     truncated: bool           # longer than the model's window; only the start was used
     embeds: np.ndarray        # (n_audio_tokens, llm_hidden)
-    load_s: float
-    encode_s: float
+    load_s: float             # reading + resampling
+    encode_s: float           # features + ONNX encoder
 
 
 @dataclass
@@ -81,35 +81,43 @@ class Pipeline:
 
     # --- audio -----------------------------------------------------------------------------
     def embed_audio(self, path: str) -> AudioInput:
+        """Read a file and encode its first `max_seconds` (the official behaviour)."""
+        t0 = time.perf_counter()
+        wave = audio.load_audio(path, self.config.sample_rate)
+        load_s = time.perf_counter() - t0
+        seconds = len(wave) / self.config.sample_rate
+        truncated = seconds > self.config.max_seconds
+        embeds, encode_s = self.embed_wave(wave)
+        return AudioInput(str(path), seconds, truncated, embeds, load_s, encode_s)
+
+    def embed_wave(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
+        """16 kHz mono samples (at most `max_seconds` are used) -> ((n_audio_tokens, llm_hidden), seconds taken)."""
         cfg = self.config
         t0 = time.perf_counter()
-        wave = audio.load_audio(path, cfg.sample_rate)
-        seconds = len(wave) / cfg.sample_rate
-        wave, truncated = audio.fit_to_window(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
+        wave, _ = audio.fit_to_window(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
         mel = features.log_mel_spectrogram(wave, n_mels=cfg.whisper.n_mels,
                                            n_samples=int(cfg.max_seconds * cfg.sample_rate))
         fbank = features.beats_fbank(wave)
-        t1 = time.perf_counter()
         embeds = self.encoder(mel, fbank)
-        t2 = time.perf_counter()
         expected = (cfg.n_audio_tokens, cfg.llm.hidden_size)
         if embeds.shape != expected:
             raise ModelError(f"audio encoder returned {embeds.shape}, the manifest says {expected}")
-        return AudioInput(path, seconds, truncated, embeds, t1 - t0, t2 - t1)
+        return embeds, time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
-    def answer(self, audio_input: AudioInput, instruction: str, options: DecodingOptions,
+    def answer(self, embeds: np.ndarray, instruction: str, options: DecodingOptions,
                on_text: Callable[[str], None] | None = None) -> Answer:
+        """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden)."""
         llm = self.llm
         prompt = build_prompt(self.config, instruction, llm.tokenize)
-        n_prompt = 1 + len(prompt.ids_before) + len(audio_input.embeds) + len(prompt.ids_after)
+        n_prompt = 1 + len(prompt.ids_before) + len(embeds) + len(prompt.ids_after)
         if n_prompt >= llm.n_ctx:
             raise SalmonnError(f"the prompt needs {n_prompt} tokens with the audio, more than the "
                                f"context of {llm.n_ctx}; shorten the prompt")
         llm.reset()
         t0 = time.perf_counter()
         llm.decode_tokens([llm.bos_id] + prompt.ids_before)
-        llm.decode_embeddings(audio_input.embeds)
+        llm.decode_embeddings(embeds)
         logits = llm.decode_tokens(prompt.ids_after)
         t1 = time.perf_counter()
 
