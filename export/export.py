@@ -3,6 +3,7 @@
     out/
       audio_encoder.onnx   Whisper + BEATs + fusion + window Q-Former + projection
       llm-<quant>.gguf     LLaMA with the LoRA merged, tokenizer included, quantized by llama.cpp
+      lora-adapter.gguf    the same LoRA as an f32 llama.cpp adapter, for `--lora-scale`
       salmonn.json         the manifest: config, file names, sha256 of every file
 
 Everything is written into a hidden temporary directory beside `out`, which is renamed into
@@ -20,6 +21,7 @@ from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import MANIFEST_NAME, manifest_dict
 
 AUDIO_ENCODER_FILE = "audio_encoder.onnx"
+LORA_ADAPTER_FILE = "lora-adapter.gguf"
 
 
 def llm_file_name(quant: str) -> str:
@@ -90,7 +92,7 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
                  force: bool = False, qformer_heads: int | None = None, log=print) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from export.gguf import official_lora_pairs, write_llama_gguf
+    from export.gguf import official_lora_pairs, write_llama_gguf, write_lora_adapter_gguf
     from export.onnx_encoder import export_audio_encoder
     from export.quantize import QUANT_TYPES, quantize_gguf
     from train.model import AudioEncoder
@@ -129,6 +131,9 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
         write_llama_gguf(unquantized, llm, config.llm, lora, config.lora.scale, gguf_type,
                          progress=on_tensor)
         progress.remove_task(tensors)
+        # The merged GGUF is the fast default; the adapter re-weights the LoRA at run time.
+        write_lora_adapter_gguf(tmp / LORA_ADAPTER_FILE, config.llm, lora,
+                                merged_scale=config.lora.scale, name=f"{Path(ckpt).stem} LoRA")
         if quant != gguf_type:
             q = progress.add_task(f"quantizing to {quant} with llama.cpp", total=None)
             quantize_gguf(unquantized, tmp / llm_file_name(quant), quant)
@@ -136,7 +141,8 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
             progress.remove_task(q)
 
         manifest = manifest_dict(config, AUDIO_ENCODER_FILE, llm_file_name(quant), quant, tmp,
-                                 extra={"source": {"checkpoint": Path(ckpt).name,
+                                 extra={"lora_adapter": LORA_ADAPTER_FILE,
+                                        "source": {"checkpoint": Path(ckpt).name,
                                                    "lora_scale": config.lora.scale}})
         _write_json(tmp / MANIFEST_NAME, manifest)
         publish(tmp, out, force)

@@ -56,6 +56,10 @@ SENTENCEPIECE_TOKEN_TYPES = {
 OFFICIAL_LORA_PREFIX = "llama_model.base_model.model."
 OFFICIAL_LORA_A_SUFFIX = ".lora_A.default.weight"
 OFFICIAL_LORA_B_SUFFIX = ".lora_B.default.weight"
+# llama.cpp LoRA adapter GGUF: tensors `<base tensor>.lora_a` (r, in) and `.lora_b` (out, r)
+ADAPTER_A_SUFFIX = ".lora_a"
+ADAPTER_B_SUFFIX = ".lora_b"
+ADAPTER_MERGED_SCALE_KEY = "salmonn.lora.merged_scale"    # informational; llama.cpp ignores it
 
 ProgressCallback = Callable[[int, int], None]   # (tensors written, total tensors)
 
@@ -244,8 +248,8 @@ def _plan(reader, dims: LlmDims, n_vocab: int, weight_dtype) -> list[_TensorPlan
     return plans
 
 
-def _check_lora(lora: dict[str, tuple[np.ndarray, np.ndarray]], plans: list[_TensorPlan]) -> None:
-    shapes = {p.hf_name: p.shape for p in plans}
+def _check_lora(lora: dict[str, tuple[np.ndarray, np.ndarray]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every LoRA pair fits a weight matrix of `shapes` (HF tensor name -> shape)."""
     for module, (a, b) in lora.items():
         weight = module + ".weight"
         if weight not in shapes or len(shapes[weight]) != 2:
@@ -287,7 +291,7 @@ def write_llama_gguf(out_path: str | Path, llm_dir: str | Path, dims: LlmDims,
     vocab = read_tokenizer(llm_dir)
     reader = open_checkpoint(llm_dir)
     plans = _plan(reader, dims, len(vocab.tokens), weight_dtype)
-    _check_lora(lora, plans)
+    _check_lora(lora, {p.hf_name: p.shape for p in plans})
 
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
     writer.add_name(llm_dir.name)
@@ -316,5 +320,53 @@ def write_llama_gguf(out_path: str | Path, llm_dir: str | Path, dims: LlmDims,
             writer.write_tensor_data(_final_tensor(reader, p, dims, lora, lora_scale))
             if progress is not None:
                 progress(i + 1, len(plans))
+    finally:
+        writer.close()
+
+
+# --- LoRA adapter --------------------------------------------------------------------------------
+
+def _layer_order(module: str) -> tuple[int, str]:
+    parts = module.split(".")          # model.layers.{n}.self_attn.q_proj
+    return int(parts[2]), module
+
+
+def write_lora_adapter_gguf(out_path: str | Path, dims: LlmDims,
+                            lora: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                            merged_scale: float | None = None, name: str | None = None) -> None:
+    """Write `lora` as an f32 llama.cpp LoRA adapter GGUF for the model `write_llama_gguf` writes.
+
+    `lora` maps HF module names (`model.layers.0.self_attn.q_proj`) to (A, B), as for
+    `write_llama_gguf`. The file has no `adapter.lora.alpha`, so llama.cpp adds exactly
+    `scale * B @ A` for the scale given at run time. B's rows of q/k projections are permuted like
+    the base weights. `merged_scale` records the scale already merged into the model GGUF.
+    Only per-layer weight matrices can carry a LoRA here.
+    """
+    if not lora:
+        raise ModelError("there are no LoRA weights to write as an adapter")
+    per_layer = {n: s for n, s in _expected_shapes(dims, dims.vocab_size).items()
+                 if n.startswith("model.layers.")}
+    _check_lora(lora, per_layer)
+
+    writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if name:
+        writer.add_name(name)
+    if merged_scale is not None:
+        writer.add_float32(ADAPTER_MERGED_SCALE_KEY, float(merged_scale))
+    for module in sorted(lora, key=_layer_order):
+        a, b = lora[module]
+        if module.endswith("self_attn.q_proj"):
+            b = permute_rotary_rows(b, dims.n_heads)
+        elif module.endswith("self_attn.k_proj"):
+            b = permute_rotary_rows(b, dims.n_kv_heads)
+        base = _gguf_name(module + ".weight")
+        writer.add_tensor(base + ADAPTER_A_SUFFIX, np.ascontiguousarray(a, dtype=np.float32))
+        writer.add_tensor(base + ADAPTER_B_SUFFIX, np.ascontiguousarray(b, dtype=np.float32))
+    try:
+        writer.write_header_to_file(Path(out_path))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
     finally:
         writer.close()

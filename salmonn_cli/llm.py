@@ -16,7 +16,8 @@ from salmonn_cli.errors import ModelError, SalmonnError
 
 MAX_UBATCH = 512            # physical batch; the logical batch (n_batch) is the whole context
 PIECE_BUFFER_BYTES = 64
-SEQ_ID = 0                  # one sequence per context
+SEQ_ID = 0                  # the sequence decode_tokens/decode_embeddings work on
+MAX_SEQUENCES = 256         # llama.cpp's LLAMA_MAX_SEQ
 
 
 class ContextOverflowError(SalmonnError):
@@ -59,16 +60,23 @@ class LlamaModel:
     reproduces the official PyTorch logits to ~1e-5 (see parity notes). Otherwise llama.cpp's
     defaults apply (flash attention auto, f16 KV cache): faster, ~1e-2 logit error.
     `seed` is kept for the sampler built on top; the context itself draws no random numbers.
+    `n_seq_max > 1` allows that many sequences (beam search) in one unified KV cache of `n_ctx`
+    cells, so sequences copied from one another share their common prefix's cells.
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 exact: bool = False, seed: int | None = None, verbose: bool = False):
+                 exact: bool = False, seed: int | None = None, verbose: bool = False,
+                 n_seq_max: int = 1):
         self._model = None
         self._ctx = None
+        self._lora = None           # llama.cpp adapter handle, owned here
+        self._lora_scale = 0.0
         self.seed = seed
         self.exact = exact
         if n_ctx < 1 or n_threads < 1:
             raise ValueError("n_ctx and n_threads must be positive")
+        if not 1 <= n_seq_max <= MAX_SEQUENCES:
+            raise ValueError(f"n_seq_max must be in 1..{MAX_SEQUENCES}")
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"LLM file not found: {path}")
@@ -89,7 +97,9 @@ class LlamaModel:
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_ctx                   # a whole prompt goes in one llama_decode
         cparams.n_ubatch = min(n_ctx, MAX_UBATCH)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq_max
+        if n_seq_max > 1:
+            cparams.kv_unified = True     # else llama.cpp splits n_ctx into n_seq_max parts
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         if exact:
@@ -111,6 +121,9 @@ class LlamaModel:
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if self._lora:
+            llama_cpp.llama_adapter_lora_free(self._lora)
+            self._lora = None
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
@@ -126,6 +139,40 @@ class LlamaModel:
             self.close()
         except Exception:     # interpreter shutdown: llama_cpp may already be gone
             pass
+
+    # --- LoRA adapter -----------------------------------------------------------------------------
+    def load_lora_adapter(self, path: str | Path) -> None:
+        """Load a llama.cpp LoRA adapter GGUF for this model (replacing any loaded one); it has no
+        effect until `set_lora_scale` gives it a non-zero scale."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"LoRA adapter file not found: {path}")
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            raise ModelError(f"cannot load the LoRA adapter {path}: not a llama.cpp LoRA GGUF "
+                             "that fits this model")
+        if self._lora:
+            self.set_lora_scale(0.0)
+            llama_cpp.llama_adapter_lora_free(self._lora)
+        self._lora = adapter
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Add `scale` * B @ A of the loaded adapter to its weights (times alpha/r if the adapter
+        file states an alpha). Clears the KV cache: cached positions were computed without it."""
+        scale = float(scale)
+        if scale != 0.0 and not self._lora:
+            raise ValueError("no LoRA adapter is loaded")
+        if self._lora:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
+            scales = (ctypes.c_float * 1)(scale)
+            llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        self._lora_scale = scale
+        self.reset()
+
+    @property
+    def lora_scale(self) -> float:
+        """The scale the loaded adapter is applied with (0: not applied)."""
+        return self._lora_scale
 
     # --- facts ------------------------------------------------------------------------------------
     @property
@@ -219,10 +266,65 @@ class LlamaModel:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
 
+    # --- several sequences (beam search) ----------------------------------------------------------
+    # These work on any sequence and leave `n_past` (sequence 0's counter) alone: callers that
+    # rearrange sequences track positions themselves and `reset()` before using decode_tokens again.
+    @property
+    def n_seq_max(self) -> int:
+        return llama_cpp.llama_n_seq_max(self._ctx)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make `dst` also hold every cached position of `src` (the cells are shared, not copied)."""
+        self._check_seq(src)
+        self._check_seq(dst)
+        llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(self._ctx), src, dst, -1, -1)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Forget sequence `seq_id`; cells no other sequence holds become free."""
+        self._check_seq(seq_id)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq_id, -1, -1)
+
+    def decode_batch(self, tokens, seq_ids, positions) -> np.ndarray:
+        """Decode row i = token `tokens[i]` of sequence `seq_ids[i]` at position `positions[i]`, all
+        in one llama_decode; returns the logits of every row, (n_rows, n_vocab)."""
+        tokens, seq_ids, positions = list(tokens), list(seq_ids), list(positions)
+        n = len(tokens)
+        if n == 0 or len(seq_ids) != n or len(positions) != n:
+            raise ValueError("tokens, seq_ids and positions must be non-empty and of equal length")
+        for token, seq_id in zip(tokens, seq_ids):
+            self._check_token(int(token))
+            self._check_seq(int(seq_id))
+        batch = llama_cpp.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i in range(n):
+                batch.token[i] = int(tokens[i])
+                batch.pos[i] = int(positions[i])
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = int(seq_ids[i])
+                batch.logits[i] = True
+            self._decode(batch)
+            rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i),
+                                          shape=(self._n_vocab,)) for i in range(n)]
+            return np.stack(rows).astype(np.float32, copy=True)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
     # --- internals --------------------------------------------------------------------------------
     def _check_token(self, token_id: int) -> None:
         if not 0 <= token_id < self._n_vocab:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self._n_vocab - 1})")
+
+    def _check_seq(self, seq_id: int) -> None:
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence id {seq_id} is outside 0..{self.n_seq_max - 1}")
+
+    def _decode(self, batch) -> None:
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise ContextOverflowError(f"no room left in the {self._n_ctx}-token LLM context")
+        if rc != 0:
+            raise ModelError(f"llama.cpp failed to decode (code {rc})")
 
     def _prepare(self, start_pos: int | None, n: int) -> int:
         start = self._n_past if start_pos is None else int(start_pos)
@@ -243,11 +345,41 @@ class LlamaModel:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = SEQ_ID
             batch.logits[i] = i == n - 1
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc == 1:
-            raise ContextOverflowError(f"no room left in the {self._n_ctx}-token LLM context")
-        if rc != 0:
-            raise ModelError(f"llama.cpp failed to decode (code {rc})")
+        self._decode(batch)
         self._n_past = start + n
         logits = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy()
+
+
+class BeamSequences:
+    """Keeps each live beam's KV cache in its own llama.cpp sequence while beams split and die.
+
+    The prompt is decoded once on sequence 0. Two banks of `num_beams` sequence ids are used in
+    turn: each step copies every new beam's parent into the idle bank (cells are shared, so this
+    costs no compute), drops the old bank, and decodes one token per new beam in a single batch.
+    Needs `llm.n_seq_max >= 2 * num_beams`.
+    """
+
+    def __init__(self, llm: LlamaModel, num_beams: int, next_pos: int):
+        if llm.n_seq_max < 2 * num_beams:
+            raise ValueError(f"{num_beams} beams need a context with n_seq_max >= {2 * num_beams}")
+        self.llm = llm
+        self.num_beams = num_beams
+        self.next_pos = next_pos            # where the beams' next tokens go
+        self.live = [SEQ_ID]                # sequence id of each live beam
+        self.bank = 0                       # bank of `live`; bank b holds ids b*N .. b*N+N-1
+
+    def advance(self, parents: list[int], tokens: list[int]) -> np.ndarray:
+        """New beam i = live beam `parents[i]` + `tokens[i]`; returns (len(tokens), n_vocab) logits."""
+        if not tokens or len(parents) != len(tokens) or len(tokens) > self.num_beams:
+            raise ValueError(f"need 1..{self.num_beams} (parent, token) pairs")
+        self.bank = 1 - self.bank
+        new = [self.bank * self.num_beams + i for i in range(len(tokens))]
+        for seq_id, parent in zip(new, parents):
+            self.llm.copy_sequence(self.live[parent], seq_id)
+        for seq_id in self.live:
+            self.llm.remove_sequence(seq_id)
+        self.live = new
+        logits = self.llm.decode_batch(tokens, new, [self.next_pos] * len(tokens))
+        self.next_pos += 1
+        return logits

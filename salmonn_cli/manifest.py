@@ -29,6 +29,8 @@ class Manifest:
     llm: str                  # file name of the GGUF LLM
     quant: str                # quantization of the GGUF (f32, f16, q8_0, q4_k_m, ...)
     files: dict[str, dict]    # file name -> {"sha256": ..., "size": ...}
+    # Optional: the LoRA as a llama.cpp adapter GGUF (exports made before it existed lack the key).
+    lora_adapter: str | None = None
 
     def path(self, name: str) -> Path:
         return self.model_dir / name
@@ -37,6 +39,11 @@ class Manifest:
     def exact_attention(self) -> bool:
         """f32 exports exist for fidelity: run them with exact attention (see parity notes)."""
         return self.quant == "f32"
+
+    @property
+    def merged_lora_scale(self) -> float:
+        """The LoRA scale export merged into the LLM GGUF (alpha / r)."""
+        return self.config.lora.scale
 
 
 def sha256_of(path: Path) -> str:
@@ -93,18 +100,26 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
     try:
         manifest = Manifest(model_dir=root, config=SalmonnConfig.from_dict(d["config"]),
                             audio_encoder=str(d["audio_encoder"]), llm=str(d["llm"]),
-                            quant=str(d["quant"]), files=dict(d["files"]))
+                            quant=str(d["quant"]), files=dict(d["files"]),
+                            lora_adapter=_optional_name(d, "lora_adapter"))
         for name, info in manifest.files.items():
             if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
                 raise ValueError(f"bad file entry for {name!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelError(f"{mpath} is malformed: {e}") from None
-    for name in (manifest.audio_encoder, manifest.llm):
-        if name not in manifest.files:
+    for name in (manifest.audio_encoder, manifest.llm, manifest.lora_adapter):
+        if name is not None and name not in manifest.files:
             raise ModelError(f"{mpath} does not list {name!r} in its files")
     if verify:
         verify_files(manifest)
     return manifest
+
+
+def _optional_name(d: dict, key: str) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a file name")
+    return value
 
 
 # --- integrity ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A loaded model: audio file -> embeddings (ONNX Runtime) -> answer (llama.cpp). Torch-free."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from typing import Callable
 import numpy as np
 
 from salmonn_cli import audio, features
-from salmonn_cli.decoding import DecodingOptions, Generation, TextStream, generate
+from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
+                                  generate)
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.errors import ModelError, SalmonnError
-from salmonn_cli.llm import LlamaModel
+from salmonn_cli.llm import BeamSequences, LlamaModel
 from salmonn_cli.manifest import Manifest, load_manifest
 from salmonn_cli.prompt import build_prompt
 
@@ -31,6 +33,8 @@ class RuntimeOptions:
     n_threads: int = field(default_factory=default_threads)
     n_gpu_layers: int = 0
     use_gpu: bool = True
+    # LoRA scale of the LLM; None keeps the scale merged at export (alpha / r, officially 4.0).
+    lora_scale: float | None = None
 
 
 @dataclass
@@ -53,20 +57,56 @@ class Answer:
     decode_s: float
 
 
+def check_beams(beams: int) -> None:
+    if not 1 <= beams <= MAX_BEAMS:
+        raise SalmonnError(f"the number of beams must be between 1 and {MAX_BEAMS}, not {beams}")
+
+
+def check_lora_scale(manifest: Manifest, lora_scale: float | None) -> None:
+    """A requested LoRA scale must be finite and the model directory must ship the adapter."""
+    if lora_scale is None:
+        return
+    if not math.isfinite(lora_scale):
+        raise SalmonnError(f"the LoRA scale must be a finite number, not {lora_scale}")
+    if manifest.lora_adapter is None:
+        raise ModelError(f"{manifest.model_dir} has no LoRA adapter, so its LoRA scale is fixed at "
+                         f"{manifest.merged_lora_scale:g}; re-export it with `salmonn export` to "
+                         "use --lora-scale")
+
+
+def apply_lora_scale(llm: LlamaModel, manifest: Manifest, lora_scale: float) -> None:
+    """Make the merged model (W + merged·BA) behave as W + lora_scale·BA: the adapter adds
+    (lora_scale − merged)·BA. Meant for a freshly loaded `llm`; the default scale loads nothing."""
+    check_lora_scale(manifest, lora_scale)
+    delta = lora_scale - manifest.merged_lora_scale
+    if delta != 0.0:
+        llm.load_lora_adapter(manifest.path(manifest.lora_adapter))
+        llm.set_lora_scale(delta)
+
+
 class Pipeline:
-    def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int):
+    def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int,
+                 beams: int = 1):
+        """`beams`: the most beams `answer` will be asked for (sizes the LLM context)."""
+        check_beams(beams)
+        self.beams = beams
         self.manifest: Manifest = load_manifest(model_dir)
         self.config = self.manifest.config
+        check_lora_scale(self.manifest, options.lora_scale)
         self.encoder = AudioEncoder(self.manifest.path(self.manifest.audio_encoder),
                                     n_threads=options.n_threads, use_gpu=options.use_gpu)
+        # every beam holds up to max_tokens cells of its own; the prompt's cells are shared
         n_ctx = min(self.config.llm.max_position_embeddings,
-                    1 + self.config.n_audio_tokens + PROMPT_TEXT_BUDGET + max_tokens)
+                    1 + self.config.n_audio_tokens + PROMPT_TEXT_BUDGET + beams * max_tokens)
         self.llm = LlamaModel(self.manifest.path(self.manifest.llm), n_ctx=n_ctx,
                               n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
-                              exact=self.manifest.exact_attention)
+                              exact=self.manifest.exact_attention,
+                              n_seq_max=2 * beams if beams > 1 else 1)
         if self.llm.n_embd != self.config.llm.hidden_size:
             raise ModelError(f"the GGUF's embedding width {self.llm.n_embd} does not match the "
                              f"audio encoder's {self.config.llm.hidden_size}")
+        if options.lora_scale is not None:
+            apply_lora_scale(self.llm, self.manifest, options.lora_scale)
         # Rows beyond the tokenizer (e.g. the official [PAD] row) must never be produced.
         self.suppress = tuple(range(self.config.llm.vocab_size, self.llm.n_vocab))
 
@@ -105,9 +145,30 @@ class Pipeline:
         return embeds, time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
+    def _check_beam_options(self, options: DecodingOptions) -> None:
+        check_beams(options.beams)
+        if options.beams > self.beams:
+            raise SalmonnError(f"this pipeline was opened for at most {self.beams} beam(s), "
+                               f"not {options.beams}")
+        if options.beams > 1 and options.temperature > 0:
+            raise SalmonnError("beam search does not sample: use temperature 0 with more than one beam")
+
+    def _beam_search(self, logits: np.ndarray, n_prompt: int, options: DecodingOptions) -> Generation:
+        """Beam search from the prompt's last logits; the prompt is cached on sequence 0."""
+        sequences = BeamSequences(self.llm, options.beams, next_pos=n_prompt)
+        return beam_search(logits, lambda step: sequences.advance(step.parents, step.tokens),
+                           num_beams=options.beams, eos_id=self.llm.eos_id,
+                           max_tokens=options.max_tokens,
+                           room=(self.llm.n_ctx - n_prompt) // options.beams,
+                           suppress=self.suppress)
+
     def answer(self, embeds: np.ndarray, instruction: str, options: DecodingOptions,
-               on_text: Callable[[str], None] | None = None) -> Answer:
-        """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden)."""
+               on_text: Callable[[str], None] | None = None,
+               stop: Callable[[list[int]], str | None] | None = None) -> Answer:
+        """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden).
+        `stop` is checked after each token (see `decoding.generate`); not with beam search.
+        `options.beams > 1` runs beam search (transformers 4.28 semantics, as the official model)."""
+        self._check_beam_options(options)
         llm = self.llm
         prompt = build_prompt(self.config, instruction, llm.tokenize)
         n_prompt = 1 + len(prompt.ids_before) + len(embeds) + len(prompt.ids_after)
@@ -131,9 +192,14 @@ class Pipeline:
                 if on_text:
                     on_text(text)
 
-        generation: Generation = generate(
-            logits, lambda token: llm.decode_tokens([token]), eos_id=llm.eos_id, options=options,
-            room=llm.n_ctx - n_prompt, on_token=on_token, suppress=self.suppress)
+        if options.beams > 1:
+            generation = self._beam_search(logits, n_prompt, options)
+            for token in generation.tokens:     # beams cannot stream: the text comes at the end
+                on_token(token)
+        else:
+            generation: Generation = generate(
+                logits, lambda token: llm.decode_tokens([token]), eos_id=llm.eos_id, options=options,
+                room=llm.n_ctx - n_prompt, on_token=on_token, suppress=self.suppress, stop=stop)
         tail = stream.flush()
         if tail:
             pieces.append(tail)

@@ -61,7 +61,8 @@ def one_line_error(r):
 def test_export_writes_a_complete_model_directory(model_f32):
     manifest = json.loads((model_f32 / "salmonn.json").read_text())
     assert manifest["quant"] == "f32"
-    assert set(manifest["files"]) == {"audio_encoder.onnx", "llm-f32.gguf"}
+    assert set(manifest["files"]) == {"audio_encoder.onnx", "llm-f32.gguf", "lora-adapter.gguf"}
+    assert manifest["lora_adapter"] == "lora-adapter.gguf"
     assert manifest["config"]["llm"]["hidden_size"] == 64
     assert not any(p.name.startswith(".") for p in model_f32.parent.iterdir())
 
