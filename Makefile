@@ -5,9 +5,19 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_MODEL ?= models/official-tiny-f32
 
-.PHONY: setup demo test clean
+# Debian packages: PortAudio for `listen` (sounddevice), espeak-ng to speak test sentences.
+APT_PACKAGES := libportaudio2 espeak-ng
 
-setup: $(VENV)/.installed
+.PHONY: setup system-deps demo test clean
+
+setup: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "please install: sudo apt-get install $$missing"; exit 1; fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -25,10 +25,10 @@ KEPT_CHANNEL = 0  # the official code keeps the first channel of a multi-channel
 
 # soundfile reports undecodable input as LibsndfileError (a RuntimeError); mp3/ogg decoders can
 # also surface as other errors, so every one of these becomes an AudioError.
-_READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError)
+READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError)
 
 
-def _check_path(path: str | os.PathLike) -> Path:
+def check_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise AudioError(f"audio file not found: {p}")
@@ -37,7 +37,7 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _reason(error: Exception) -> str:
+def read_error_reason(error: Exception) -> str:
     # LibsndfileError.error_string is libsndfile's own text, without the "Error opening '<path>'" prefix
     text = getattr(error, "error_string", None) or str(error) or type(error).__name__
     return text.splitlines()[0].rstrip(".")
@@ -48,7 +48,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None
 
     Frame indices are at the file's own rate; no resampling happens here.
     """
-    p = _check_path(path)
+    p = check_path(path)
     try:
         with soundfile.SoundFile(p) as f:
             sample_rate = f.samplerate
@@ -56,8 +56,8 @@ def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None
                 f.seek(start)
             n_frames = -1 if stop is None else max(stop - start, 0)
             block = f.read(n_frames, dtype="float64", always_2d=True)
-    except _READ_ERRORS as e:
-        raise AudioError(f"cannot read audio file {p}: {_reason(e)}") from None
+    except READ_ERRORS as e:
+        raise AudioError(f"cannot read audio file {p}: {read_error_reason(e)}") from None
     return np.ascontiguousarray(block[:, KEPT_CHANNEL]), sample_rate
 
 

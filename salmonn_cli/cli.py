@@ -20,68 +20,296 @@ app = typer.Typer(
 )
 
 DEBUG_ENV = "SALMONN_DEBUG"
+INTERRUPTED = 130   # exit code after Ctrl-C, as shells report SIGINT
 
 
 def warn(message: str) -> None:
     print(f"salmonn: warning: {message}", file=sys.stderr, flush=True)
 
 
+# --- options shared by the commands that run a model ---------------------------------------------
+
+def model_option():
+    return typer.Option(None, "--model", "-m", help="Model directory from `salmonn export` [default: $SALMONN_MODEL].")
+
+
+def threads_option():
+    return typer.Option(None, "--threads", min=1, help="CPU threads [default: half the cores].")
+
+
+def gpu_layers_option():
+    return typer.Option(0, "--n-gpu-layers", min=-1, help="LLM layers to offload to the GPU (-1 = all; needs a CUDA build of llama-cpp-python).")
+
+
+def cpu_option():
+    return typer.Option(False, "--cpu", help="Run the audio encoder on the CPU even if CUDA is available.")
+
+
+def lora_scale_option():
+    return typer.Option(None, "--lora-scale", help="LoRA strength of the LLM [default: the trained alpha/r, 4.0 for SALMONN]. "
+                        "Lower values bring back more of the base LLM's free-form behaviour (0 = the base LLM).")
+
+
+def context_option():
+    return typer.Option(None, "--context", min=64, help="LLM context in tokens [default: 2048, at most what the LLM was trained on]; "
+                        "audio past 30 s fills what the prompt and answer leave free.")
+
+
+def runtime_options(threads, n_gpu_layers, cpu, lora_scale, context):
+    from salmonn_cli.pipeline import RuntimeOptions
+
+    options = RuntimeOptions(n_gpu_layers=n_gpu_layers, use_gpu=not cpu, lora_scale=lora_scale, context=context)
+    if threads:
+        options.n_threads = threads
+    return options
+
+
+def split_prompt(inputs: list[str], prompt: Optional[str]) -> tuple[list[str], str]:
+    """`ask AUDIO... PROMPT` or `ask AUDIO... -p PROMPT`."""
+    if prompt is not None:
+        return inputs, prompt
+    if len(inputs) < 2:
+        raise SalmonnError('give the audio and the prompt: salmonn ask AUDIO "PROMPT" (or -p PROMPT)')
+    *files, prompt = inputs
+    if len(files) > 1 and Path(prompt).is_file():
+        raise SalmonnError(f"the last argument {prompt!r} is a file, not a prompt; give the prompt with -p")
+    return files, prompt
+
+
+class Failures:
+    """Report a failing input on stderr and go on; the exit code says whether any failed."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, name: str, error: Exception) -> None:
+        self.count += 1
+        print(f"salmonn: error: {name}: {error}", file=sys.stderr, flush=True)
+
+    def exit(self) -> None:
+        if self.count:
+            raise typer.Exit(SalmonnError.exit_code)
+
+
+# --- ask -----------------------------------------------------------------------------------------
+
 @app.command()
 def ask(
-    audio: str = typer.Argument(..., help="Audio file (wav, flac, ogg, mp3, ...; any rate, any channels)."),
-    prompt: str = typer.Argument(..., help='What to ask, e.g. "Describe the audio."'),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory from `salmonn export` "
-                                        "[default: $SALMONN_MODEL]."),
+    inputs: list[str] = typer.Argument(..., metavar="AUDIO... [PROMPT]", help="Audio files (wav, flac, ogg, mp3, ...; "
+                                       "any rate, any channels; - reads standard input), then the prompt unless -p is given."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help='What to ask, e.g. "Describe the audio."'),
+    model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads [default: half the cores]."),
-    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", min=-1, help="LLM layers to offload to the GPU (-1 = all)."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run the audio encoder on the CPU even if CUDA is available."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    beams: int = typer.Option(1, "--beams", min=1, max=16, help="Beam search with N beams (the official SALMONN decoding "
+                              "uses 4); needs --temperature 0; the answer is printed when the search ends."),
+    truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
+    per_window: bool = typer.Option(False, "--per-window", help="Answer for each ≤30 s window of the file separately."),
+    threads: Optional[int] = threads_option(),
+    n_gpu_layers: int = gpu_layers_option(),
+    cpu: bool = cpu_option(),
+    lora_scale: Optional[float] = lora_scale_option(),
+    context: Optional[int] = context_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of streaming text: one object (a list for several files)."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file, as each finishes."),
 ) -> None:
-    """Answer a question about an audio clip."""
+    """Answer a question about audio clips (the model is loaded once for all of them)."""
+    from salmonn_cli.ask import display_name, each_window, embed_file, format_clock
     from salmonn_cli.decoding import DecodingOptions
-    from salmonn_cli.pipeline import Pipeline, RuntimeOptions
+    from salmonn_cli.pipeline import Pipeline
+    from salmonn_cli.prompt import check_instruction
 
-    options = RuntimeOptions(n_gpu_layers=n_gpu_layers, use_gpu=not cpu)
-    if threads:
-        options.n_threads = threads
+    files, prompt = split_prompt(inputs, prompt)
+    check_instruction(prompt)
+    if files.count("-") > 1:
+        raise SalmonnError("standard input (-) can be read only once")
+    if truncate and per_window:
+        raise SalmonnError("--truncate and --per-window do not go together")
+    decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, beams=beams)
+    options = runtime_options(threads, n_gpu_layers, cpu, lora_scale, context)
+    streaming = not (as_json or jsonl)
+    failures = Failures()
+    results = []
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    with Pipeline(model, options, max_tokens=max_tokens, beams=beams) as pipeline:
+        for name in files:
+            shown = display_name(name)
+            if streaming and len(files) > 1:
+                print(f"==> {shown} <==", flush=True)
+            try:
+                if per_window:
+                    windows = []
+                    for window, embeds in each_window(pipeline, name):
+                        if streaming:
+                            stream(f"[{format_clock(window.start_s)}–{format_clock(window.end_s)}] ")
+                        answer = pipeline.answer(embeds, prompt, decoding, on_text=stream if streaming else None)
+                        if streaming:
+                            stream("\n")
+                        windows.append({"start": round(window.start_s, 3), "end": round(window.end_s, 3),
+                                        "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason})
+                    result = {"audio": shown, "windows": windows}
+                else:
+                    audio = embed_file(pipeline, name, truncate=truncate)
+                    if audio.truncated:
+                        hint = "" if truncate else "; raise --context for more"
+                        warn(f"{shown} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s are used{hint}")
+                    if len(audio.windows) > 1:
+                        print(f"salmonn: notice: {shown}: {len(audio.windows)} windows of audio go to the model back to back, "
+                              f"past the {pipeline.config.max_seconds:g} s the official model was trained on",
+                              file=sys.stderr, flush=True)
+                    answer = pipeline.answer(audio.embeds, prompt, decoding, on_text=stream if streaming else None)
+                    if streaming:
+                        stream("\n")
+                    n = len(answer.tokens)
+                    result = {
+                        "audio": shown, "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason,
+                        "audio_seconds": round(audio.seconds, 3), "used_seconds": round(audio.used_seconds, 3),
+                        "truncated": audio.truncated, "windows": len(audio.windows), "prompt_tokens": answer.prompt_tokens,
+                        "quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
+                        "timings": {
+                            "encode_s": round(audio.encode_s, 4),
+                            "prefill_s": round(answer.prefill_s, 4),
+                            "decode_s": round(answer.decode_s, 4),
+                            "decode_tokens_per_s": round(n / answer.decode_s, 2) if n and answer.decode_s > 0 else None,
+                        },
+                    }
+            except SalmonnError as e:
+                if len(files) == 1:
+                    raise
+                failures(shown, e)
+                result = {"audio": shown, "error": str(e)}
+            if jsonl:
+                print(json.dumps(result, ensure_ascii=False), flush=True)
+            results.append(result)
+    if as_json and not jsonl:
+        print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
+    failures.exit()
+
+
+# --- transcribe ----------------------------------------------------------------------------------
+
+@app.command()
+def transcribe(
+    inputs: list[str] = typer.Argument(..., metavar="AUDIO...", help="Audio files of any length (- reads standard input)."),
+    translate: Optional[str] = typer.Option(None, "--translate", help="Translate into LANG (ISO 639-1 code such as de, ja, zh, "
+                                            "or an English name) instead of transcribing."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="txt, srt, vtt or json [default: from the -o extension, else txt]."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout; "
+                                         "with several files, an existing directory."),
+    model: Optional[str] = model_option(),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per window."),
+    beams: int = typer.Option(1, "--beams", min=1, max=16, help="Beam search with N beams (the official decoding uses 4)."),
+    repetition_guard: bool = typer.Option(True, "--repetition-guard/--no-repetition-guard",
+                                          help="Stop a window whose output starts repeating itself."),
+    keep_silence: bool = typer.Option(False, "--keep-silence", help="Also decode windows that are silent."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr "
+                                            "[default: on a terminal, for audio over 30 s]."),
+    threads: Optional[int] = threads_option(),
+    n_gpu_layers: int = gpu_layers_option(),
+    cpu: bool = cpu_option(),
+    lora_scale: Optional[float] = lora_scale_option(),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file (text, segments), as each finishes."),
+) -> None:
+    """Transcribe or translate speech of any length, window by window (times are window-level)."""
+    from salmonn_cli.ask import display_name, open_source
+    from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
+    from salmonn_cli.pipeline import Pipeline
+    from salmonn_cli.subtitles import format_for_path, write_subtitles
+    from salmonn_cli.transcribe import TranscribeOptions, task_prompt, transcribe_file
+
+    task_prompt(translate)   # an unknown language fails before the model loads
+    out_dir = None
+    if output and len(inputs) > 1:
+        if not Path(output).is_dir():
+            raise SalmonnError(f"with several files, -o must be an existing directory: {output}")
+        out_dir = Path(output)
+    fmt = format_for_path(None if out_dir else output, fmt)
+    options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=beams),
+                                repetition_guard=RepetitionGuard() if repetition_guard else None,
+                                skip_silence=not keep_silence)
+    runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
+    failures = Failures()
+    with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+        for name in inputs:
+            shown = display_name(name)
+            stream_txt = fmt == "txt" and output is None and not jsonl
+            on_segment = (lambda seg: print(seg.text, flush=True)) if stream_txt else None
+            try:
+                if len(inputs) > 1 and not (output or jsonl):
+                    print(f"==> {shown} <==", flush=True)
+                result = transcribe_file(pipeline, open_source(name), options, on_segment=on_segment, progress=progress)
+                if jsonl:
+                    print(json.dumps({**result.metadata(), "text": result.text,
+                                      "segments": [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
+                                                   for s in result.segments]}, ensure_ascii=False), flush=True)
+                elif not stream_txt:
+                    target = out_dir / f"{Path(shown).stem}.{fmt}" if out_dir else output
+                    write_subtitles(result.segments, fmt, target, result.metadata())
+            except SalmonnError as e:
+                if len(inputs) == 1:
+                    raise
+                failures(shown, e)
+                if jsonl:
+                    print(json.dumps({"audio": shown, "error": str(e)}, ensure_ascii=False), flush=True)
+    failures.exit()
+
+
+# --- listen --------------------------------------------------------------------------------------
+
+@app.command()
+def listen(
+    mic: bool = typer.Option(False, "--mic", help="Listen to the default or chosen microphone (the default when --input is not given)."),
+    input_path: Optional[str] = typer.Option(None, "--input", "-i", help="Replay an audio file in real time instead of "
+                                             "capturing (the same code path as the microphone)."),
+    speed: float = typer.Option(1.0, "--speed", min=0.0, help="Replay pace for --input (2 = twice real time, 0 = as fast as possible)."),
+    input_device: Optional[str] = typer.Option(None, "--input-device", help="Capture device: index or part of its name (see --list-devices)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List capture devices and exit."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask about each utterance [default: transcribe it]."),
+    transcribe: bool = typer.Option(False, "--transcribe", help="Live transcription (the official speech-recognition prompt)."),
+    duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds of audio."),
+    model: Optional[str] = model_option(),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per utterance."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    threads: Optional[int] = threads_option(),
+    n_gpu_layers: int = gpu_layers_option(),
+    cpu: bool = cpu_option(),
+    lora_scale: Optional[float] = lora_scale_option(),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per utterance."),
+) -> None:
+    """Answer each utterance heard on the microphone (cut by a voice-activity detector); Ctrl-C stops."""
+    from salmonn_cli import listen as live
+    from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.pipeline import Pipeline
+
+    if list_devices:
+        devices = live.input_devices()
+        if not devices:
+            print("salmonn: no capture devices found", file=sys.stderr)
+        for d in devices:
+            print(f"{d['index']:>3}  {d['name']}  ({d['hostapi']}, {d['channels']} ch, {d['default_samplerate']:g} Hz)")
+        return
+    if mic and input_path:
+        raise SalmonnError("give either --mic or --input, not both")
+    options = live.ListenOptions(prompt=live.resolve_prompt(prompt, transcribe), device=live.parse_device(input_device),
+                                 input_path=input_path, speed=speed, max_seconds=duration)
     decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with Pipeline(model, options, max_tokens=max_tokens) as pipeline:
-        audio_input = pipeline.embed_audio(audio)
-        if audio_input.truncated:
-            warn(f"{audio} is {audio_input.seconds:.1f} s long; only the first "
-                 f"{pipeline.config.max_seconds:g} s are used")
+    runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
 
-        def stream(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    def on_heard(heard) -> None:
+        print(json.dumps(live.heard_to_dict(heard), ensure_ascii=False) if as_json else live.format_heard(heard),
+              flush=True)
 
-        answer = pipeline.answer(audio_input.embeds, prompt, decoding, on_text=None if as_json else stream)
-    if as_json:
-        n = len(answer.tokens)
-        print(json.dumps({
-            "text": answer.text,
-            "tokens": answer.tokens,
-            "stop_reason": answer.stop_reason,
-            "audio": audio,
-            "audio_seconds": round(audio_input.seconds, 3),
-            "truncated": audio_input.truncated,
-            "prompt_tokens": answer.prompt_tokens,
-            "quant": pipeline.manifest.quant,
-            "encoder_provider": pipeline.encoder.provider,
-            "timings": {
-                "audio_load_s": round(audio_input.load_s, 4),
-                "encoder_s": round(audio_input.encode_s, 4),
-                "prefill_s": round(answer.prefill_s, 4),
-                "decode_s": round(answer.decode_s, 4),
-                "decode_tokens_per_s": round(n / answer.decode_s, 2) if n and answer.decode_s > 0 else None,
-            },
-        }, ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
+    with Pipeline(model, runtime, max_tokens=max_tokens) as pipeline:
+        live.listen(pipeline, options, decoding, on_heard=on_heard,
+                    log=lambda m: print(f"salmonn: {m}", file=sys.stderr, flush=True))
 
 
 @app.command()
@@ -126,13 +354,18 @@ def export(
 def main() -> None:
     debug = bool(os.environ.get(DEBUG_ENV))
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns (not raises) the code of a typer.Exit
+        code = app(standalone_mode=False)
+        if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
+            print("\nsalmonn: interrupted", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SalmonnError as e:
         print(f"salmonn: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("\nsalmonn: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except BrokenPipeError:
         sys.stderr.close()
         sys.exit(1)
@@ -144,7 +377,7 @@ def main() -> None:
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             print("\nsalmonn: interrupted", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(INTERRUPTED)
         if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -20,6 +20,7 @@ from salmonn_cli.prompt import build_prompt
 
 # Room for the prompt text around the audio tokens when sizing the llama.cpp context.
 PROMPT_TEXT_BUDGET = 256
+DEFAULT_CONTEXT = 2048
 
 
 def default_threads() -> int:
@@ -35,6 +36,9 @@ class RuntimeOptions:
     use_gpu: bool = True
     # LoRA scale of the LLM; None keeps the scale merged at export (alpha / r, officially 4.0).
     lora_scale: float | None = None
+    # LLM context in tokens; None = DEFAULT_CONTEXT (or what one window needs), capped at the
+    # model's trained length. Audio past 30 s fills what the prompt and answer leave free.
+    context: int | None = None
 
 
 @dataclass
@@ -84,6 +88,13 @@ def apply_lora_scale(llm: LlamaModel, manifest: Manifest, lora_scale: float) -> 
         llm.set_lora_scale(delta)
 
 
+def context_size(config, requested: int | None, needed: int) -> int:
+    trained = config.llm.max_position_embeddings
+    if requested is not None and requested > trained:
+        raise SalmonnError(f"--context {requested} is longer than the {trained} tokens the LLM was trained on")
+    return min(trained, requested if requested is not None else max(needed, DEFAULT_CONTEXT))
+
+
 class Pipeline:
     def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int,
                  beams: int = 1):
@@ -96,8 +107,8 @@ class Pipeline:
         self.encoder = AudioEncoder(self.manifest.path(self.manifest.audio_encoder),
                                     n_threads=options.n_threads, use_gpu=options.use_gpu)
         # every beam holds up to max_tokens cells of its own; the prompt's cells are shared
-        n_ctx = min(self.config.llm.max_position_embeddings,
-                    1 + self.config.n_audio_tokens + PROMPT_TEXT_BUDGET + beams * max_tokens)
+        self.answer_room = PROMPT_TEXT_BUDGET + beams * max_tokens
+        n_ctx = context_size(self.config, options.context, 1 + self.config.n_audio_tokens + self.answer_room)
         self.llm = LlamaModel(self.manifest.path(self.manifest.llm), n_ctx=n_ctx,
                               n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
                               exact=self.manifest.exact_attention,
@@ -109,6 +120,12 @@ class Pipeline:
             apply_lora_scale(self.llm, self.manifest, options.lora_scale)
         # Rows beyond the tokenizer (e.g. the official [PAD] row) must never be produced.
         self.suppress = tuple(range(self.config.llm.vocab_size, self.llm.n_vocab))
+
+    @property
+    def max_audio_windows(self) -> int:
+        """How many windows' embeddings fit in the context beside the prompt and the answer."""
+        free = self.llm.n_ctx - 1 - self.answer_room
+        return max(1, free // self.config.n_audio_tokens)
 
     def close(self) -> None:
         self.llm.close()

@@ -8,6 +8,11 @@ from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import SalmonnError
 
 
+# The official SALMONN task prompts (test_prompt.json) for speech recognition and translation.
+TRANSCRIBE_PROMPT = "Recognize the speech and give me the transcription."
+TRANSLATE_PROMPT = "Listen to the speech and translate it into {language}."
+
+
 @dataclass
 class Prompt:
     text_before: str

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +30,34 @@ def reference():
 @pytest.fixture(scope="session")
 def reference_json():
     return json.loads((OFFICIAL_TINY / "reference.json").read_text())
+
+
+# --- the real command line, and models exported once per test session ----------------------------
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def salmonn(*args, env=None, timeout=600, input=None):
+    """Run `salmonn ARGS...` in a subprocess (text mode unless `input` is bytes)."""
+    return subprocess.run([sys.executable, "-m", "salmonn_cli", *map(str, args)], capture_output=True,
+                          text=not isinstance(input, bytes), env={**CLI_ENV, **(env or {})},
+                          timeout=timeout, input=input)
+
+
+def export_fixture(out, quant):
+    """`salmonn export` of the official-tiny fixture into `out`."""
+    r = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth",
+                "--whisper", OFFICIAL_TINY / "whisper", "--beats", OFFICIAL_TINY / "beats.pt",
+                "--llm", OFFICIAL_TINY / "vicuna", "--quant", quant, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_f32(tmp_path_factory):
+    return export_fixture(tmp_path_factory.mktemp("models") / "tiny-f32", "f32")
+
+
+@pytest.fixture(scope="session")
+def model_q8(tmp_path_factory):
+    return export_fixture(tmp_path_factory.mktemp("models") / "tiny-q8_0", "q8_0")

@@ -22,7 +22,6 @@ from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from salmonn_cli.prompt import build_prompt
 
 from conftest import OFFICIAL_TINY, REFERENCE_INPUTS
-from test_cli import export
 
 PROMPT = "Describe the audio."
 REFERENCE_STEPS = 8             # the reference ran max_new_tokens 8
@@ -144,11 +143,6 @@ def test_decoder_steps_suppression_room_and_bad_use():
 
 
 # --- the exported official-tiny model ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_f32(tmp_path_factory):
-    return export(tmp_path_factory.mktemp("beams") / "tiny-f32", "f32")
-
 
 @pytest.fixture(scope="module")
 def pipeline(model_f32):

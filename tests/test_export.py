@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import OFFICIAL_TINY
-from export.export import export_model
 from salmonn_cli import audio, features
 from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
 from salmonn_cli.llm import LlamaModel
@@ -30,15 +29,8 @@ def torch_model():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    dirs = {}
-    for quant in ("f32", "q8_0"):
-        out = tmp_path_factory.mktemp("export") / f"tiny-{quant}"
-        export_model(ckpt=OFFICIAL_TINY / "salmonn_tiny.pth", whisper=OFFICIAL_TINY / "whisper",
-                     beats=OFFICIAL_TINY / "beats.pt", llm=OFFICIAL_TINY / "vicuna", out=out, quant=quant,
-                     log=lambda _m: None)
-        dirs[quant] = load_manifest(out)
-    return dirs
+def exported(model_f32, model_q8):
+    return {"f32": load_manifest(model_f32), "q8_0": load_manifest(model_q8)}
 
 
 def random_clip(seconds: float, seed: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from export.export import LORA_ADAPTER_FILE, export_model
+from export.export import LORA_ADAPTER_FILE
 from export.gguf import (ADAPTER_MERGED_SCALE_KEY, official_lora_pairs, permute_rotary_rows,
                          write_lora_adapter_gguf)
 from export.quantize import quantize_gguf
@@ -40,12 +40,8 @@ INPUTS = list(REFERENCE_INPUTS)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("lora") / "tiny-f32"
-    return export_model(ckpt=OFFICIAL_TINY / "salmonn_tiny.pth", whisper=OFFICIAL_TINY / "whisper",
-                        beats=OFFICIAL_TINY / "beats.pt", llm=OFFICIAL_TINY / "vicuna", out=out,
-                        quant="f32", log=lambda *a: None)
+def exported(model_f32):
+    return model_f32
 
 
 @pytest.fixture(scope="module")

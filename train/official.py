@@ -221,3 +221,26 @@ def save_official_format(model: Salmonn, path: Path) -> None:
     """Write `{'model': trained tensors (official names), 'config': {'model': ...}}`."""
     state = {key: tensor.detach().cpu().clone() for key, tensor in model.trainable_state_dict().items()}
     torch.save({"model": state, "config": {"model": official_model_config(model.config)}}, Path(path))
+
+
+# --- a fresh model for training --------------------------------------------------------------------
+
+def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qformer: QFormerDims,
+                     lora: LoraDims, second_per_window: float | None = None,
+                     second_stride: float | None = None,
+                     prompt_template: str | None = None) -> tuple[Salmonn, SalmonnConfig]:
+    """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
+    trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode."""
+    whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
+    beats = load_beats(beats_path)
+    llm_dims = read_llm_dims(llm_dir)
+    defaults = SalmonnConfig()
+    config = SalmonnConfig(
+        whisper=whisper_dims, beats=beats.dims, qformer=qformer, llm=llm_dims, lora=lora,
+        second_per_window=defaults.second_per_window if second_per_window is None else float(second_per_window),
+        second_stride=defaults.second_stride if second_stride is None else float(second_stride),
+        prompt_template=defaults.prompt_template if prompt_template is None else prompt_template,
+    )
+    llm = build_llama(llm_dims, read_llm_weights(llm_dir))
+    model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
+    return model.float().eval(), config

@@ -1,0 +1,92 @@
+"""`salmonn ask`: the audio of a file (any length) as LLM prefix embeddings, then the answer.
+
+The official model hears one 30 s window (88 audio tokens). Longer audio is cut into windows at
+quiet seams (salmonn_cli/windows.py) whose embeddings are placed back to back, as many as the LLM
+context leaves room for; `truncate=True` keeps the official behaviour (the first 30 s only).
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from salmonn_cli.errors import AudioError
+from salmonn_cli.pipeline import Pipeline
+from salmonn_cli.windows import AudioWindow, audio_duration, iter_windows
+
+STDIN = "-"
+
+
+@dataclass
+class FileAudio:
+    name: str                 # as the user gave it ("-" for stdin)
+    seconds: float            # length of the file's audio (as far as it was read, if unknown)
+    used_seconds: float       # audio that reached the model
+    windows: list[tuple[float, float]]
+    embeds: np.ndarray        # (n_windows * n_audio_tokens, llm_hidden)
+    truncated: bool           # some of the file did not reach the model
+    encode_s: float           # reading, features and the ONNX encoder
+
+
+def open_source(name: str) -> str | BinaryIO:
+    """A path, or the whole of stdin as a seekable in-memory file for `-`."""
+    if name != STDIN:
+        return name
+    data = sys.stdin.buffer.read()
+    if not data:
+        raise AudioError("no audio on standard input")
+    stream = io.BytesIO(data)
+    stream.name = "<stdin>"
+    return stream
+
+
+def file_windows(pipeline: Pipeline, source: str | BinaryIO, truncate: bool) -> Iterator[AudioWindow]:
+    cfg = pipeline.config
+    if truncate:   # exactly the first max_seconds, as the official code cuts
+        return iter_windows(source, cfg.sample_rate, cfg.max_seconds, seam_search_seconds=0.0)
+    return iter_windows(source, cfg.sample_rate, cfg.max_seconds)
+
+
+def embed_file(pipeline: Pipeline, name: str, *, truncate: bool = False,
+               max_windows: int | None = None) -> FileAudio:
+    """Embed up to `max_windows` windows (default: what fits in the context; 1 with `truncate`)."""
+    t0 = time.perf_counter()
+    source = open_source(name)
+    limit = 1 if truncate else (max_windows or pipeline.max_audio_windows)
+    embeds, spans = [], []
+    end_of_file = 0.0
+    truncated = False
+    for window in file_windows(pipeline, source, truncate):
+        end_of_file = window.end_s
+        if len(spans) == limit:
+            truncated = True
+            break
+        embeds.append(pipeline.embed_wave(window.wave)[0])
+        spans.append((window.start_s, window.end_s))
+    if not spans:
+        raise AudioError(f"audio file has no samples: {name}")
+    duration = None if name == STDIN else audio_duration(name)
+    seconds = duration if duration is not None else end_of_file
+    return FileAudio(name, seconds, spans[-1][1], spans, np.concatenate(embeds), truncated,
+                     time.perf_counter() - t0)
+
+
+def each_window(pipeline: Pipeline, name: str) -> Iterator[tuple[AudioWindow, np.ndarray]]:
+    """(window, its embeddings) for every window of the file, one at a time (`--per-window`)."""
+    for window in file_windows(pipeline, open_source(name), truncate=False):
+        yield window, pipeline.embed_wave(window.wave)[0]
+
+
+def format_clock(seconds: float) -> str:
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes:02d}:{secs:04.1f}"
+
+
+def display_name(name: str) -> str:
+    return "<stdin>" if name == STDIN else os.fspath(name)

@@ -1,0 +1,153 @@
+"""Transcript writers (txt, srt, vtt, json) and atomic output files.
+
+A segment is anything with `start`, `end` (seconds) and `text` (e.g. `transcribe.Segment`).
+`write_subtitles(..., path)` writes into a temporary file beside `path` and renames it over `path`
+only when everything was written: a failure leaves no file (and an existing file untouched).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Callable, Iterator, Protocol, Sequence
+
+from salmonn_cli.errors import SalmonnError
+
+FORMATS = ("txt", "srt", "vtt", "json")
+DEFAULT_FORMAT = "txt"
+STDOUT_PATH = "-"
+NEW_FILE_MODE = 0o666          # before the umask, as open() would create the file
+TIME_DECIMALS = 3              # json times, in seconds
+
+
+class TimedText(Protocol):
+    start: float
+    end: float
+    text: str
+
+
+# --- timestamps and cue text ---------------------------------------------------------------------
+
+def format_timestamp(seconds: float, decimal_marker: str = ",") -> str:
+    """`HH:MM:SS,mmm` (SRT) or, with decimal_marker ".", `HH:MM:SS.mmm` (WebVTT). Hours grow past 99."""
+    if seconds < 0:
+        raise ValueError(f"negative timestamp {seconds}")
+    ms = int(round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
+
+
+def cue_text(text: str) -> str:
+    """Text safe inside one cue: no blank line (it would end the cue), no "-->"."""
+    text = re.sub(r"\n\s*\n+", "\n", text.strip().replace("\r\n", "\n").replace("\r", "\n"))
+    return text.replace("-->", "->")
+
+
+def vtt_escape(text: str) -> str:
+    # WebVTT cue text is markup: a bare & or < would start an entity or a tag
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
+# --- writers -------------------------------------------------------------------------------------
+
+def write_txt(segments: Sequence[TimedText], out: IO[str], metadata: dict | None = None) -> None:
+    for segment in segments:
+        out.write(segment.text.strip() + "\n")
+
+
+def write_srt(segments: Sequence[TimedText], out: IO[str], metadata: dict | None = None) -> None:
+    for number, segment in enumerate(segments, start=1):
+        out.write(f"{number}\n{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}\n"
+                  f"{cue_text(segment.text)}\n\n")
+
+
+def write_vtt(segments: Sequence[TimedText], out: IO[str], metadata: dict | None = None) -> None:
+    out.write("WEBVTT\n\n")
+    for segment in segments:
+        out.write(f"{format_timestamp(segment.start, '.')} --> {format_timestamp(segment.end, '.')}\n"
+                  f"{vtt_escape(cue_text(segment.text))}\n\n")
+
+
+def write_json(segments: Sequence[TimedText], out: IO[str], metadata: dict | None = None) -> None:
+    document = dict(metadata or {})
+    document["text"] = " ".join(s.text.strip() for s in segments)
+    document["segments"] = [{"start": round(s.start, TIME_DECIMALS), "end": round(s.end, TIME_DECIMALS),
+                             "text": s.text.strip()} for s in segments]
+    json.dump(document, out, ensure_ascii=False, indent=2)
+    out.write("\n")
+
+
+WRITERS: dict[str, Callable[[Sequence[TimedText], IO[str], dict | None], None]] = {
+    "txt": write_txt, "srt": write_srt, "vtt": write_vtt, "json": write_json,
+}
+
+
+def check_format(fmt: str) -> str:
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in WRITERS:
+        raise SalmonnError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def format_for_path(path: str | os.PathLike | None, fmt: str | None = None) -> str:
+    """The format asked for, else the one the output file's extension names, else txt."""
+    if fmt:
+        return check_format(fmt)
+    suffix = Path(path).suffix.lower().lstrip(".") if path and str(path) != STDOUT_PATH else ""
+    return suffix if suffix in WRITERS else DEFAULT_FORMAT
+
+
+# --- output files --------------------------------------------------------------------------------
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return NEW_FILE_MODE & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """A text stream that becomes `path` when the block ends without error; on error the
+    temporary file is removed and `path` is not touched."""
+    target = Path(path)
+    if target.is_dir():
+        raise SalmonnError(f"output path is a directory: {target}")
+    if not target.parent.is_dir():
+        raise SalmonnError(f"output directory does not exist: {target.parent}")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise SalmonnError(f"cannot write {target}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        mode = target.stat().st_mode & 0o7777 if target.exists() else _new_file_mode()
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, target)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if isinstance(e, OSError):
+            raise SalmonnError(f"cannot write {target}: {e.strerror or e}") from None
+        raise
+
+
+def write_subtitles(segments: Sequence[TimedText], fmt: str, path: str | os.PathLike | None = None,
+                    metadata: dict | None = None) -> None:
+    """Write `segments` as `fmt` to `path` atomically, or to stdout when path is None or "-".
+    `metadata` (e.g. `Transcript.metadata()`) goes into json output only."""
+    writer = WRITERS[check_format(fmt)]
+    if path is None or str(path) == STDOUT_PATH:
+        writer(segments, sys.stdout, metadata)
+        sys.stdout.flush()
+        return
+    with atomic_output(path) as out:
+        writer(segments, out, metadata)

@@ -1,0 +1,247 @@
+"""Transcription and translation of audio of any length: the file is cut into windows of at most
+30 s at quiet seams (`salmonn_cli.windows`), each window is answered with the official SALMONN task
+prompt, and each answer becomes a segment with its window's start and end time.
+
+Times are window-level (where the window was cut), not word-level.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
+
+from salmonn_cli.decoding import STOP_REPETITION, DecodingOptions, RepetitionGuard, TextStream
+from salmonn_cli.errors import SalmonnError
+from salmonn_cli.prompt import TRANSCRIBE_PROMPT, TRANSLATE_PROMPT
+from salmonn_cli.windows import (SEAM_SEARCH_SECONDS, WINDOW_SECONDS, AudioWindow, audio_duration,
+                                 iter_windows)
+
+# The official SALMONN task prompts (train/test_prompt.json: asr, translation_en2de/en2ja).
+TASK_TRANSCRIBE = "transcribe"
+TASK_TRANSLATE = "translate"
+
+# A window whose loudest sample is below this is silence: it is not sent to the model, which
+# would otherwise invent text for it.
+SILENCE_PEAK_DBFS = -60.0
+
+# ISO 639-1 code -> English name (the name goes into the translation prompt).
+LANGUAGES = {
+    "af": "Afrikaans", "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani", "be": "Belarusian",
+    "bg": "Bulgarian", "bn": "Bengali", "bs": "Bosnian", "ca": "Catalan", "cs": "Czech",
+    "cy": "Welsh", "da": "Danish", "de": "German", "el": "Greek", "en": "English",
+    "eo": "Esperanto", "es": "Spanish", "et": "Estonian", "eu": "Basque", "fa": "Persian",
+    "fi": "Finnish", "fil": "Filipino", "fr": "French", "ga": "Irish", "gl": "Galician",
+    "gu": "Gujarati", "ha": "Hausa", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian",
+    "hu": "Hungarian", "hy": "Armenian", "id": "Indonesian", "is": "Icelandic", "it": "Italian",
+    "ja": "Japanese", "jv": "Javanese", "ka": "Georgian", "kk": "Kazakh", "km": "Khmer",
+    "kn": "Kannada", "ko": "Korean", "la": "Latin", "lo": "Lao", "lt": "Lithuanian",
+    "lv": "Latvian", "mk": "Macedonian", "ml": "Malayalam", "mn": "Mongolian", "mr": "Marathi",
+    "ms": "Malay", "mt": "Maltese", "my": "Burmese", "ne": "Nepali", "nl": "Dutch",
+    "no": "Norwegian", "pa": "Punjabi", "pl": "Polish", "ps": "Pashto", "pt": "Portuguese",
+    "ro": "Romanian", "ru": "Russian", "si": "Sinhala", "sk": "Slovak", "sl": "Slovenian",
+    "so": "Somali", "sq": "Albanian", "sr": "Serbian", "sv": "Swedish", "sw": "Swahili",
+    "ta": "Tamil", "te": "Telugu", "th": "Thai", "tl": "Tagalog", "tr": "Turkish",
+    "uk": "Ukrainian", "ur": "Urdu", "uz": "Uzbek", "vi": "Vietnamese", "yi": "Yiddish",
+    "yo": "Yoruba", "zh": "Chinese", "zu": "Zulu",
+}
+# Other names people type for a language in the table.
+LANGUAGE_ALIASES = {
+    "mandarin": "Chinese", "cantonese": "Cantonese", "farsi": "Persian", "castilian": "Spanish",
+    "flemish": "Dutch", "moldavian": "Romanian", "panjabi": "Punjabi", "bokmal": "Norwegian",
+    "bokmål": "Norwegian",
+}
+
+
+def language_name(value: str) -> str:
+    """The English name of a language given as an ISO 639-1 code (any case, region suffix allowed:
+    "pt-BR") or as a name (any case)."""
+    key = value.strip().lower()
+    code = key.replace("_", "-").split("-")[0]
+    if code in LANGUAGES:
+        return LANGUAGES[code]
+    by_name = {name.lower(): name for name in LANGUAGES.values()}
+    if key in by_name:
+        return by_name[key]
+    if key in LANGUAGE_ALIASES:
+        return LANGUAGE_ALIASES[key]
+    raise SalmonnError(f"unknown language {value.strip()!r}: give an ISO 639-1 code (de, ja, zh, fr, ...) "
+                       "or an English language name (German, Japanese, ...)")
+
+
+def task_prompt(translate: str | None = None) -> str:
+    """The official instruction: transcription, or translation into `translate` (code or name)."""
+    if translate is None:
+        return TRANSCRIBE_PROMPT
+    return TRANSLATE_PROMPT.format(language=language_name(translate))
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Segment:
+    start: float                 # seconds from the file's start (window-level)
+    end: float
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""        # as `Answer.stop_reason`; "repetition" when the guard cut a loop
+    window: int = 0              # index of the window it came from
+
+
+@dataclass
+class Transcript:
+    audio: str
+    task: str                    # "transcribe" or "translate"
+    language: str | None         # target language name when translating
+    prompt: str
+    seconds: float               # audio length
+    segments: list[Segment]
+    n_windows: int
+    skipped_silent: int          # windows not decoded because they were silent
+    elapsed_s: float
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments)
+
+    def metadata(self) -> dict:
+        return {"audio": self.audio, "task": self.task, "language": self.language,
+                "prompt": self.prompt, "audio_seconds": round(self.seconds, 3),
+                "windows": self.n_windows, "skipped_silent_windows": self.skipped_silent,
+                "elapsed_s": round(self.elapsed_s, 3)}
+
+
+@dataclass
+class TranscribeOptions:
+    translate: str | None = None            # target language (code or name); None transcribes
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    window_seconds: float = WINDOW_SECONDS
+    seam_search_seconds: float = SEAM_SEARCH_SECONDS
+    repetition_guard: RepetitionGuard | None = field(default_factory=RepetitionGuard)
+    skip_silence: bool = True
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+def progress_wanted(total_seconds: float | None, window_seconds: float, force: bool | None) -> bool:
+    """A bar only for files of more than one window, on a terminal stderr unless forced."""
+    if force is False or total_seconds is None or total_seconds <= window_seconds:
+        return False
+    return bool(force) or _isatty(sys.stderr)
+
+
+def _isatty(stream) -> bool:
+    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+class WindowProgress:
+    """A rich progress bar on stderr over the seconds of audio done, counting windows.
+
+    Text printed to a terminal stdout meanwhile is shown above the bar; stdout that goes to a
+    file or pipe is left alone (rich would otherwise send it to stderr).
+    """
+
+    def __init__(self, label: str, total_seconds: float, forced: bool = False):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                                  TextColumn("window {task.fields[window]}"), TimeRemainingColumn(),
+                                  console=Console(stderr=True, force_terminal=forced or None),
+                                  transient=True, redirect_stdout=_isatty(sys.stdout))
+        self._task = self._progress.add_task(label, total=total_seconds, window=0)
+
+    def __enter__(self) -> "WindowProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def window_done(self, window: AudioWindow) -> None:
+        self._progress.update(self._task, completed=window.end_s, window=window.index + 1)
+
+
+# --- the flow ------------------------------------------------------------------------------------
+
+def is_silent(wave: np.ndarray) -> bool:
+    return wave.size == 0 or float(np.max(np.abs(wave))) < 10 ** (SILENCE_PEAK_DBFS / 20)
+
+
+def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
+    stream = TextStream(piece)
+    return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()
+
+
+def transcribe_windows(pipeline, windows: Iterator[AudioWindow], options: TranscribeOptions,
+                       on_window: Callable[[AudioWindow, Segment | None], None] | None = None
+                       ) -> tuple[list[Segment], int, int]:
+    """Decode each window; returns (segments with text, windows seen, silent windows skipped).
+    `on_window(window, segment_or_None)` is called after each window."""
+    prompt = task_prompt(options.translate)
+    guard = options.repetition_guard
+    segments: list[Segment] = []
+    n_windows = skipped = 0
+    for window in windows:
+        n_windows += 1
+        segment = None
+        if options.skip_silence and is_silent(window.wave):
+            skipped += 1
+        else:
+            embeds, _ = pipeline.embed_wave(window.wave)
+            answer = pipeline.answer(embeds, prompt, options.decoding, stop=guard)
+            tokens, text = answer.tokens, answer.text
+            if guard is not None and answer.stop_reason == STOP_REPETITION:
+                tokens = guard.trim(tokens)
+                text = render_tokens(tokens, pipeline.llm.token_to_bytes)
+            if text:
+                segment = Segment(window.start_s, window.end_s, text, tokens, answer.stop_reason,
+                                  window.index)
+                segments.append(segment)
+        if on_window is not None:
+            on_window(window, segment)
+    return segments, n_windows, skipped
+
+
+def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO,
+                    options: TranscribeOptions | None = None,
+                    on_segment: Callable[[Segment], None] | None = None,
+                    progress: bool | None = None) -> Transcript:
+    """Transcribe (or translate) a file of any length with a loaded `Pipeline`.
+
+    The file is read in blocks; windows are at most `options.window_seconds` (<= the model's
+    `max_seconds`). `on_segment` gets each segment as soon as its window is decoded. `progress`:
+    None shows a bar on a terminal for files longer than one window, True forces it, False never.
+    """
+    options = options or TranscribeOptions()
+    max_seconds = pipeline.config.max_seconds
+    if not 0 < options.window_seconds <= max_seconds:
+        raise SalmonnError(f"the window length must be in (0, {max_seconds:g}] seconds")
+    prompt = task_prompt(options.translate)      # fails early on an unknown language
+    t0 = time.perf_counter()
+    name = str(getattr(source, "name", "<stdin>")) if hasattr(source, "read") else str(source)
+    total = audio_duration(source)
+    windows = iter_windows(source, pipeline.config.sample_rate, options.window_seconds,
+                           min(options.seam_search_seconds, options.window_seconds / 2))
+    bar = (WindowProgress(os.path.basename(name), total, forced=bool(progress))
+           if progress_wanted(total, options.window_seconds, progress) else None)
+    seconds = 0.0
+
+    def on_window(window: AudioWindow, segment: Segment | None) -> None:
+        nonlocal seconds
+        seconds = window.end_s
+        if bar is not None:
+            bar.window_done(window)
+        if segment is not None and on_segment is not None:
+            on_segment(segment)
+
+    with bar or contextlib.nullcontext():
+        segments, n_windows, skipped = transcribe_windows(pipeline, windows, options, on_window)
+    language = language_name(options.translate) if options.translate else None
+    return Transcript(name, TASK_TRANSLATE if language else TASK_TRANSCRIBE, language, prompt,
+                      seconds, segments, n_windows, skipped, time.perf_counter() - t0)

@@ -1,0 +1,167 @@
+"""Audio of any length as windows of at most 30 s, cut at quiet seams, read and resampled in blocks.
+
+The file is never decoded whole: blocks of `READ_BLOCK_SECONDS` are read (channel 0, as the official
+code keeps), resampled to 16 kHz by one streaming soxr resampler (so block edges leave no seams:
+the output equals resampling the whole file at once), and appended to a buffer that never holds
+much more than one window. When the buffer is longer than a window, the window ends at the
+quietest point of its last `SEAM_SEARCH_SECONDS` (lowest short-time energy), so words are not cut.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import soundfile
+import soxr
+
+from salmonn_cli.audio import (KEPT_CHANNEL, RESAMPLE_QUALITY, SAMPLE_RATE, READ_ERRORS, check_path,
+                               read_error_reason)
+from salmonn_cli.errors import AudioError
+
+WINDOW_SECONDS = 30.0          # the model hears at most 30 s at once
+SEAM_SEARCH_SECONDS = 5.0      # a window may end this much early to end in a pause
+READ_BLOCK_SECONDS = 5.0       # decoded per read, at the file's own rate
+ENERGY_FRAME_SECONDS = 0.025   # short-time energy: 25 ms frames ...
+ENERGY_HOP_SECONDS = 0.010     # ... every 10 ms ...
+ENERGY_SMOOTH_FRAMES = 10      # ... averaged over 100 ms, so one quiet frame inside a word loses to a pause
+# Frames this close to the quietest one count as equally quiet; among them the longest quiet run
+# wins and the cut goes to its middle (a pause is cut in its centre, not at its first sample).
+QUIET_TIE_RATIO = 1.05
+QUIET_TIE_FLOOR = 1e-12
+
+
+@dataclass
+class AudioWindow:
+    index: int
+    start_s: float             # position in the file
+    end_s: float
+    wave: np.ndarray           # 16 kHz mono float64 samples of [start_s, end_s)
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+def audio_duration(source: str | os.PathLike | BinaryIO) -> float | None:
+    """Length of the file in seconds from its header; None when the format does not say, or for
+    a stream (reading its header would consume it)."""
+    if hasattr(source, "read"):
+        return None
+    f, _ = _open(source)
+    with f:
+        return f.frames / f.samplerate if f.frames > 0 else None
+
+
+def _open(source: str | os.PathLike | BinaryIO) -> tuple[soundfile.SoundFile, str]:
+    if hasattr(source, "read"):
+        name, target = str(getattr(source, "name", "<stream>")), source
+    else:
+        target = check_path(source)
+        name = str(target)
+    try:
+        return soundfile.SoundFile(target), name
+    except READ_ERRORS as e:
+        raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
+
+
+def read_resampled_blocks(source: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE,
+                          block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """Channel 0 of the file at `sample_rate`, as consecutive float64 blocks."""
+    f, name = _open(source)
+    with f:
+        file_rate = f.samplerate
+        block_frames = max(1, int(block_seconds * file_rate))
+        stream = None if file_rate == sample_rate else soxr.ResampleStream(
+            file_rate, sample_rate, 1, dtype="float64", quality=RESAMPLE_QUALITY)
+        n_read = 0
+        while True:
+            try:
+                block = f.read(block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL]
+            except READ_ERRORS as e:
+                raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
+            last = len(block) < block_frames
+            if not np.isfinite(block).all():
+                raise AudioError(f"audio file contains NaN or infinite samples: {name}")
+            n_read += len(block)
+            if last and n_read == 0:
+                raise AudioError(f"audio file has no samples: {name}")
+            out = block if stream is None else stream.resample_chunk(np.ascontiguousarray(block), last=last)
+            if len(out):
+                yield out
+            if last:
+                return
+
+
+def short_time_energy(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mean square of `ENERGY_FRAME_SECONDS` frames every `ENERGY_HOP_SECONDS`, smoothed over
+    `ENERGY_SMOOTH_FRAMES` frames; frame i starts at sample i * hop."""
+    frame = max(1, int(ENERGY_FRAME_SECONDS * sample_rate))
+    hop = max(1, int(ENERGY_HOP_SECONDS * sample_rate))
+    if len(wave) < frame:
+        return np.array([np.mean(np.square(wave))]) if len(wave) else np.zeros(1)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.square(wave, dtype=np.float64))])
+    starts = np.arange(0, len(wave) - frame + 1, hop)
+    energy = (cumulative[starts + frame] - cumulative[starts]) / frame
+    # centred moving average; near the edges it averages fewer frames (zero padding would make the
+    # region's edges look quiet)
+    half = ENERGY_SMOOTH_FRAMES // 2
+    summed = np.concatenate([[0.0], np.cumsum(energy)])
+    index = np.arange(len(energy))
+    lo = np.maximum(index - half, 0)
+    hi = np.minimum(index + half + 1, len(energy))
+    return (summed[hi] - summed[lo]) / (hi - lo)
+
+
+def quietest_cut(wave: np.ndarray, sample_rate: int, earliest: int, latest: int) -> int:
+    """A sample index in [earliest, latest] at the middle of the quietest stretch of `wave` there."""
+    earliest = max(0, min(earliest, latest))
+    region = wave[earliest:latest]
+    frame = max(1, int(ENERGY_FRAME_SECONDS * sample_rate))
+    if len(region) < 2 * frame:
+        return latest
+    hop = max(1, int(ENERGY_HOP_SECONDS * sample_rate))
+    energy = short_time_energy(region, sample_rate)
+    quiet = energy <= energy.min() * QUIET_TIE_RATIO + QUIET_TIE_FLOOR
+    # the longest run of quiet frames
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]])))
+    run_starts, run_ends = edges[::2], edges[1::2]
+    best = int(np.argmax(run_ends - run_starts))
+    middle_frame = (run_starts[best] + run_ends[best] - 1) / 2
+    cut = earliest + int(round(middle_frame * hop + frame / 2))
+    return min(max(cut, earliest + 1), latest)
+
+
+def iter_windows(source: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE,
+                 window_seconds: float = WINDOW_SECONDS,
+                 seam_search_seconds: float = SEAM_SEARCH_SECONDS,
+                 block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[AudioWindow]:
+    """Consecutive windows covering the whole file, each at most `window_seconds` long.
+
+    Memory stays at about one window plus one block, whatever the file's length.
+    """
+    if not 0 <= seam_search_seconds < window_seconds:
+        raise ValueError("seam_search_seconds must be in [0, window_seconds)")
+    window_len = int(round(window_seconds * sample_rate))
+    search_len = int(round(seam_search_seconds * sample_rate))
+    pending: list[np.ndarray] = []
+    n_pending = 0
+    offset = 0          # file position (16 kHz samples) of the first pending sample
+    index = 0
+    for block in read_resampled_blocks(source, sample_rate, block_seconds):
+        pending.append(block)
+        n_pending += len(block)
+        # A window is only cut once more than a full window is buffered, so the last window can
+        # still be a full 30 s when the file ends exactly there.
+        while n_pending > window_len:
+            buffer = np.concatenate(pending)
+            cut = quietest_cut(buffer, sample_rate, window_len - search_len, window_len)
+            yield AudioWindow(index, offset / sample_rate, (offset + cut) / sample_rate, buffer[:cut].copy())
+            index += 1
+            offset += cut
+            pending = [buffer[cut:]]
+            n_pending = len(pending[0])
+    if n_pending:
+        rest = np.concatenate(pending)
+        yield AudioWindow(index, offset / sample_rate, (offset + len(rest)) / sample_rate, rest)

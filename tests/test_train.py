@@ -1,0 +1,480 @@
+"""The training pipeline (train/): data formats, the §7.3 loss, optimizer groups and schedule, and whole
+runs on a tiny official-format model written to a temporary folder (tests/official_format.py):
+the loss falls, two gloo processes equal one, a SIGKILLed run resumes exactly, and an overfitted
+checkpoint exports and answers through `salmonn ask`.
+
+Tolerances: the loss against transformers' own `labels=` loss 1e-5 abs (float32, same graph, measured
+~1e-6); the training encoder path against the inference path 1e-5 abs (measured 0 to 1e-6); two DDP
+processes against gradient accumulation bitwise, and against one process 5e-5 abs on the parameters
+after 2 AdamW steps at lr 3e-3 and 2e-5 abs on Adam's first moments, whose largest entries are ~1
+(measured 1.6e-5 and 6.3e-6: the batch-of-2 matmuls sum in another order, and AdamW magnifies that
+noise where a gradient is ~0); kill-and-resume bitwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import OFFICIAL_TINY
+from official_format import OtherShapes, build_official_model
+from salmonn_cli.config import tiny
+from train import loop
+from train.data import (IGNORE_INDEX, Batch, DataError, Sample, SampleStream, StepPlan, check_tasks,
+                        choose_prompt, load_wave, read_annotations, read_prompts)
+from train.loop import lr_at, param_groups
+from train.loss import assemble_inputs, encode_batch, shifted_loss_sums
+from train.run_config import ConfigError, OptimSection, TrainConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = REPO / "train" / "stages"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+LOSS_ATOL = 1e-5
+ENCODE_ATOL = 1e-5
+DDP_ATOL = 5e-5
+GRAD_ATOL = 2e-5
+SAMPLE_RATE = 16000
+TONES = {"clip0.wav": 440.0, "clip1.wav": 220.0, "clip2.wav": 880.0}
+OVERFIT_ANSWER = "beep beep"
+OVERFIT_PROMPT = "Describe the audio."
+OVERFIT_STEPS = 20
+
+
+# --- a tiny official-format model and data -------------------------------------------------------
+
+def tiny_shapes() -> OtherShapes:
+    t = tiny()
+    return OtherShapes(whisper=t.whisper, beats=t.beats, qformer=t.qformer, llm=t.llm, lora=t.lora,
+                       second_per_window=t.second_per_window, second_stride=t.second_stride)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-base")
+    torch.set_num_threads(2)
+    build_official_model(root / "base", tiny_shapes(), OFFICIAL_TINY / "vicuna", seed=0, old_lora_keys=False)
+    t = np.arange(int(1.2 * SAMPLE_RATE)) / SAMPLE_RATE
+    for name, hz in TONES.items():
+        sf.write(root / name, 0.3 * np.sin(2 * np.pi * hz * t), SAMPLE_RATE)
+    annotation = [{"path": "clip0.wav", "text": "a high tone", "task": "audiocaption"},
+                  {"path": "clip1.wav", "text": "a low tone", "task": "audiocaption"},
+                  {"path": "clip2.wav", "text": "yes", "task": "QA", "Q": "Is it a tone?"},
+                  {"path": "clip0.wav", "text": "beep", "task": "asr"}]
+    (root / "train.json").write_text(json.dumps({"annotation": annotation}))
+    (root / "valid.json").write_text(json.dumps({"annotation": annotation[:2]}))
+    (root / "overfit.json").write_text(json.dumps(
+        {"annotation": [{"path": "clip0.wav", "text": OVERFIT_ANSWER, "task": "audiocaption"}]}))
+    (root / "one_prompt.json").write_text(json.dumps(
+        {"audiocaption": [f"<Speech><SpeechHere></Speech> {OVERFIT_PROMPT}"]}))
+    return root
+
+
+def run_config(base: Path, out_dir: Path, **sections) -> dict:
+    """A raw config (TOML tables as dicts) for the tiny model; `sections` update the tables."""
+    t = tiny()
+    raw = {
+        "model": {"whisper_path": str(base / "base/whisper"), "beats_path": str(base / "base/beats.pt"),
+                  "llama_path": str(base / "base/vicuna"), "qformer_hidden": t.qformer.hidden,
+                  "qformer_heads": t.qformer.n_heads, "qformer_intermediate": t.qformer.intermediate},
+        "data": {"train": str(base / "train.json"), "prompts": str(STAGES / "prompts.json")},
+        "optim": {"init_lr": 3e-3, "min_lr": 1e-4, "warmup_start_lr": 1e-4, "warmup_steps": 1, "max_steps": 2,
+                  "batch_size": 2},
+        "run": {"out_dir": str(out_dir), "save_every": 2, "val_every": 2, "threads": 1, "progress": False},
+    }
+    for name, values in sections.items():
+        raw[name].update(values)
+    return raw
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)         # strings and lists of strings: JSON escapes are valid TOML
+
+
+def write_toml(raw: dict, path: Path) -> Path:
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_in_process(raw: dict, resume: bool = False) -> Path:
+    threads = torch.get_num_threads()
+    try:
+        return loop.train(TrainConfig.from_dict(raw), resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_command(config: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "train", str(config), *extra]
+
+
+def read_log(out_dir: Path, split: str = "train") -> list[dict]:
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r["split"] == split]
+
+
+def trained(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def first_moments(path: Path) -> dict[int, torch.Tensor]:
+    """AdamW's running mean of the gradients (the averaged gradients themselves, scaled)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["optimizer"]["state"]
+    return {k: v["exp_avg"] for k, v in state.items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(base):
+    torch.manual_seed(0)
+    model, config = loop.build_model(TrainConfig.from_dict(run_config(base, base / "unused")).model)
+    return model, config
+
+
+# --- config files --------------------------------------------------------------------------------
+
+def test_stage_configs_parse_with_the_official_recipe():
+    configs = {name: load_train_config(STAGES / f"{name}.toml")
+               for name in ("stage1_pretrain", "stage2_instruct", "stage3_activation")}
+    stage1 = configs["stage1_pretrain"]
+    assert (stage1.optim.init_lr, stage1.optim.min_lr, stage1.optim.warmup_start_lr) == (3e-5, 1e-5, 1e-6)
+    assert (stage1.optim.warmup_steps, stage1.optim.max_steps, stage1.optim.batch_size) == (3000, 90000, 8)
+    assert (stage1.optim.weight_decay, stage1.optim.grad_clip, stage1.run.amp) == (0.05, 0.0, "fp16")
+    assert stage1.model.init_checkpoint == ""
+    assert configs["stage2_instruct"].model.init_checkpoint == "runs/stage1/last.pth"
+    stage3 = configs["stage3_activation"]
+    assert stage3.model.init_checkpoint == "runs/stage2/last.pth"
+    assert (stage3.optim.max_steps, stage3.optim.batch_size) == (12, 1)     # paper: 12 steps, one story each
+    prompts = json.loads((STAGES / "prompts.json").read_text())
+    assert all(p.count("<SpeechHere>") == 1 for ps in prompts.values() for p in ps)
+
+
+def test_config_errors_and_overrides(tmp_path):
+    path = write_toml(run_config(tmp_path, tmp_path / "out"), tmp_path / "c.toml")
+    cfg = load_train_config(path, ["optim.max_steps=7", "run.amp=bf16", 'model.lora_targets=["q_proj"]'])
+    assert (cfg.optim.max_steps, cfg.run.amp, cfg.model.lora_targets) == (7, "bf16", ["q_proj"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config(path, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="max_steps must be of type int"):
+        load_train_config(path, ["optim.max_steps=1.5"])
+    with pytest.raises(ConfigError, match="amp must be one of"):
+        load_train_config(path, ["run.amp=fp8"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "missing.toml")
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def test_annotations_prompts_and_expand_wav(base, tmp_path):
+    config = tiny()
+    (tmp_path / "a.json").write_text(json.dumps({"annotation": [
+        {"path": str(base / "clip0.wav"), "text": "x"},
+        {"path": "rel.wav", "text": "y", "task": "QA", "Q": "Why?", "expand_wav": [str(base / "clip1.wav")]}]}))
+    samples = read_annotations(tmp_path / "a.json")
+    assert (samples[0].task, samples[0].question) == ("asr", "")               # official defaults
+    assert samples[1].path == str(tmp_path / "rel.wav")                         # relative to the file
+    (tmp_path / "p.json").write_text(json.dumps({"QA": ["<Speech><SpeechHere></Speech> {}"],
+                                                 "asr": ["no placeholder", "<Speech><SpeechHere></Speech> Say it."]}))
+    prompts = read_prompts(tmp_path / "p.json", config)
+    assert prompts["asr"] == ["USER: <Speech><SpeechHere></Speech> Say it.\nASSISTANT:"]
+    assert choose_prompt(prompts, samples[1], seed=0, draw=5) == "USER: <Speech><SpeechHere></Speech> Why?\nASSISTANT:"
+    with pytest.raises(DataError, match="audiocaption"):
+        check_tasks([Sample("x.wav", "t", task="audiocaption")], prompts, "a.json")
+    with pytest.raises(DataError, match="annotation"):
+        (tmp_path / "bad.json").write_text(json.dumps({"annotation": [{"text": "no path"}]}))
+        read_annotations(tmp_path / "bad.json")
+
+    one = sf.read(base / "clip0.wav")[0]
+    two = sf.read(base / "clip1.wav")[0]
+    wave = load_wave(Sample(str(base / "clip0.wav"), "", expand_wav=(str(base / "clip1.wav"),)), config)
+    np.testing.assert_array_equal(wave, np.concatenate([one, np.zeros(1600), two]))  # spec §1.1 step 3
+    short = load_wave(Sample(str(OFFICIAL_TINY / "short_0p4s.wav"), ""), config)
+    assert len(short) == SAMPLE_RATE                                            # padded to 1 s
+    long = load_wave(Sample(str(OFFICIAL_TINY / "long_40s.wav"), ""), config)
+    assert len(long) == 30 * SAMPLE_RATE                                        # cut to 30 s
+
+
+def test_sample_order_is_seeded_and_split_over_processes():
+    stream = SampleStream(5, seed=3)
+    for epoch in range(3):
+        assert sorted(stream[p] for p in range(5 * epoch, 5 * epoch + 5)) == list(range(5))
+    assert [stream[p] for p in range(5)] != [stream[p] for p in range(5, 10)]   # reshuffled each epoch
+    assert [SampleStream(5, seed=3)[p] for p in range(12)] == [stream[p] for p in range(12)]
+    one = StepPlan(batch_size=4, accum_steps=1, world_size=1)
+    two = StepPlan(batch_size=1, accum_steps=2, world_size=2)
+    for step in range(3):
+        single = list(one.positions(step, 0, 0))
+        split = [p for rank in range(2) for micro in range(2) for p in two.positions(step, rank, micro)]
+        assert split == single
+    assert one.data_position(3) == two.data_position(3) == 12
+
+
+# --- the loss (§7.3) -----------------------------------------------------------------------------
+
+def test_loss_masking_on_a_hand_checked_batch(tiny_model):
+    model, config = tiny_model
+    n_audio = config.n_audio_tokens                      # 88
+    batch = Batch(indices=[0, 1], mel=torch.zeros(2, 80, 3000), fbanks=[],
+                  ids_before=[[10, 11], [10, 11]], ids_after=[[20], [20, 21, 22]],
+                  answer_ids=[[30, 2], [31, 32, 33, 2]])
+    audio = torch.randn(2, n_audio, config.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    inputs, mask, labels = assemble_inputs(model, audio, batch)
+    # sample 0: BOS 10 11 | 88 audio | 20 | 30 EOS | 4 pads; sample 1: BOS 10 11 | 88 audio | 20 21 22 | 31 32 33 EOS
+    ignore = [IGNORE_INDEX]
+    assert labels[0].tolist() == ignore * (3 + n_audio + 1) + [30, 2] + ignore * 4
+    assert labels[1].tolist() == ignore * (3 + n_audio + 3) + [31, 32, 33, 2]
+    assert mask.tolist() == [[1] * (3 + n_audio + 3) + [0] * 4, [1] * (3 + n_audio + 7)]
+    embed = model.llama_model.get_input_embeddings()
+    with torch.no_grad():
+        np.testing.assert_array_equal(inputs[0, :3], embed(torch.tensor([1, 10, 11])))     # BOS first
+        np.testing.assert_array_equal(inputs[0, 3:3 + n_audio], audio[0])
+        np.testing.assert_array_equal(inputs[1, 3 + n_audio:], embed(torch.tensor([20, 21, 22, 31, 32, 33, 2])))
+        assert not inputs[0, -4:].any()
+
+        ce_sum, n_targets, _ = shifted_loss_sums(model, inputs, mask, labels)
+        hf = model.llama_model(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+        # per sample, alone (no padding): the padded batch changes nothing
+        alone = sum(shifted_loss_sums(model, inputs[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())],
+                                      labels[i:i + 1, :int(mask[i].sum())])[0] for i in range(2))
+    assert int(n_targets) == 6
+    assert abs(float(ce_sum) / 6 - float(hf)) <= LOSS_ATOL
+    assert abs(float(ce_sum) - float(alone)) <= 6 * LOSS_ATOL
+
+
+def test_training_encoder_path_equals_inference_path(tiny_model, base):
+    """Per-clip BEATs, zero-padded to the Whisper length, as `salmonn ask` computes it."""
+    from train.data import clip_features
+
+    model, config = tiny_model
+    feats = [clip_features(load_wave(Sample(str(p), ""), config), config)
+             for p in (base / "clip0.wav", OFFICIAL_TINY / "speech_2p5s.wav")]
+    with torch.no_grad():
+        batched = encode_batch(model, torch.stack([torch.from_numpy(m) for m, _ in feats]),
+                               [torch.from_numpy(f) for _, f in feats])
+        for i, (mel, fbank) in enumerate(feats):
+            alone = model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])
+            assert float((batched[i] - alone[0]).abs().max()) <= ENCODE_ATOL
+
+
+def test_frozen_encoders_stay_in_eval_mode_and_get_no_gradient(tiny_model, base):
+    from train.data import AnnotationDataset, Tokenizer, collate
+    from train.loss import TrainingModel
+
+    model, config = tiny_model
+    trainer = TrainingModel(model).train()
+    assert not any(m.training for m in [*model.speech_encoder.modules(), *model.beats.modules()])
+    assert model.speech_Qformer.training and model.llama_model.training
+    prompts = read_prompts(STAGES / "prompts.json", config)
+    dataset = AnnotationDataset(read_annotations(base / "train.json"), prompts, config,
+                                Tokenizer(base / "base/vicuna"), 300, seed=0)
+    ce_sum, _, _ = trainer(collate([dataset[(0, 0)], dataset[(2, 1)]]))
+    ce_sum.backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == param.requires_grad, name
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+def test_weight_decay_groups(tiny_model):
+    model, _ = tiny_model
+    decay, no_decay = param_groups(model, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "speech_query_tokens" in decayed                                     # 3-D, decayed officially
+    assert "speech_llama_proj.weight" in decayed
+    assert "speech_Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in decayed
+    assert any(".lora_A." in n for n in decayed) and any(".lora_B." in n for n in decayed)
+    assert {"ln_speech.weight", "ln_speech.bias", "ln_audio.weight", "speech_llama_proj.bias",
+            "speech_Qformer.bert.embeddings.LayerNorm.weight"} <= kept
+    assert all(n.endswith("bias") or "LayerNorm" in n or n.startswith(("ln_speech", "ln_audio")) for n in kept)
+
+
+def test_schedule_values():
+    o = OptimSection()                   # official: 1e-6 -> 3e-5 over 3000 steps, cosine to 1e-5 over 90k
+    assert lr_at(0, o) == pytest.approx(1e-6)
+    assert lr_at(1500, o) == pytest.approx(1.55e-5)
+    assert lr_at(2999, o) == pytest.approx(1e-6 + 29e-6 * 2999 / 3000)
+    assert lr_at(3000, o) == pytest.approx(1e-5 + 2e-5 * 0.5 * (1 + math.cos(math.pi / 30)))
+    assert lr_at(45000, o) == pytest.approx(2e-5)
+    assert lr_at(90000, o) == pytest.approx(1e-5)
+    assert lr_at(0, OptimSection(warmup_steps=0)) == pytest.approx(3e-5)
+
+
+# --- whole runs ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def overfit_run(base):
+    """One clip, one prompt, one answer, no dropout: the model must learn to say it."""
+    lr = 3e-2
+    out = base / "overfit"
+    raw = run_config(base, out,
+                     model={"lora_dropout": 0.0, "qformer_dropout": 0.0},
+                     data={"train": str(base / "overfit.json"), "valid": str(base / "overfit.json"),
+                           "prompts": str(base / "one_prompt.json")},
+                     optim={"init_lr": lr, "min_lr": lr, "warmup_start_lr": lr, "warmup_steps": 0,
+                            "max_steps": OVERFIT_STEPS, "batch_size": 1},
+                     run={"save_every": OVERFIT_STEPS, "val_every": OVERFIT_STEPS})
+    return train_in_process(raw)
+
+
+def test_a_few_steps_lower_the_loss(overfit_run):
+    log = read_log(overfit_run.parent)
+    losses = [r["loss"] for r in log]
+    assert [r["step"] for r in log] == list(range(1, OVERFIT_STEPS + 1))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(r["lr"] == pytest.approx(3e-2) and r["tokens_per_s"] > 0 for r in log)
+    valid = read_log(overfit_run.parent, "valid")
+    assert len(valid) == 1 and valid[0]["accuracy"] == 1.0, valid
+
+
+def test_checkpoint_has_the_official_layout(overfit_run, tiny_model):
+    model, _ = tiny_model
+    ckpt = torch.load(overfit_run, map_location="cpu", weights_only=True)
+    assert set(ckpt["model"]) == set(model.trainable_state_dict())
+    assert {"optimizer", "scheduler", "scaler", "rng", "data", "step", "config"} <= set(ckpt)
+    assert ckpt["step"] == OVERFIT_STEPS and ckpt["data"]["position"] == OVERFIT_STEPS
+    model_cfg = ckpt["config"]["model"]
+    assert Path(model_cfg["llama_path"]).is_dir() and Path(model_cfg["beats_path"]).is_file()
+    assert (model_cfg["lora_alpha"], model_cfg["lora_rank"]) == (32.0, 8)
+
+
+def test_overfitted_checkpoint_exports_and_answers(overfit_run, base, tmp_path):
+    from export.export import checkpoint_sources, export_model
+
+    sources = checkpoint_sources(overfit_run)
+    out = export_model(ckpt=overfit_run, whisper=sources["whisper"], beats=sources["beats"], llm=sources["llm"],
+                       out=tmp_path / "model", quant="f32", log=lambda _m: None)
+    r = subprocess.run([sys.executable, "-m", "salmonn_cli", "ask", str(base / "clip0.wav"), OVERFIT_PROMPT,
+                        "--model", str(out), "--json", "--max-tokens", "8", "--threads", "1"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["text"] == OVERFIT_ANSWER and answer["stop_reason"] == "eos", answer
+
+
+def test_two_gloo_processes_equal_one_process(base, tmp_path):
+    """Global batch 2: one process x batch 2, one process x batch 1 x 2 accumulation steps, and two
+    torchrun processes x batch 1 end with the same parameters (dropout off: it is random per process)."""
+    sections = {"model": {"lora_dropout": 0.0, "qformer_dropout": 0.0}}
+    one = train_in_process(run_config(base, tmp_path / "one", **sections))
+    accum = train_in_process(run_config(base, tmp_path / "accum", optim={"batch_size": 1, "accum_steps": 2},
+                                        **sections))
+    config = write_toml(run_config(base, tmp_path / "ddp", optim={"batch_size": 1}, **sections), tmp_path / "ddp.toml")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "train", str(config)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = tmp_path / "ddp" / "last.pth"
+    # two processes add the same two per-sample gradients as two accumulation steps: bitwise equal
+    assert max_diff(trained(accum), trained(ddp)) == 0.0
+    # one batch of 2 sums inside its matmuls, in another order: float noise in the gradients, which
+    # AdamW scales up where a gradient is ~0 (it divides by sqrt(v) + 1e-8)
+    d_params = max_diff(trained(one), trained(ddp))
+    d_grads = max_diff(*(first_moments(p) for p in (one, ddp)))
+    print(f"DDP vs one process: max |param diff| {d_params:.2e}, max |Adam first moment diff| {d_grads:.2e}")
+    assert d_params <= DDP_ATOL and d_grads <= GRAD_ATOL
+    assert torch.load(ddp, map_location="cpu", weights_only=True)["world_size"] == 2
+    one_log, ddp_log = read_log(one.parent), read_log(ddp.parent)
+    for a, b in zip(one_log, ddp_log):
+        assert (a["step"], a["target_tokens"]) == (b["step"], b["target_tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_ATOL)
+
+
+def test_sigkilled_run_resumes_exactly(base, tmp_path):
+    """Dropout on (so the RNG state must be restored). Killed after its step-2 checkpoint, resumed."""
+    steps = 6
+    sections = {"optim": {"max_steps": steps}, "run": {"save_every": 2, "val_every": 100}}
+    reference = train_in_process(run_config(base, tmp_path / "reference", **sections))
+    config = write_toml(run_config(base, tmp_path / "killed", **sections), tmp_path / "killed.toml")
+    process = subprocess.Popen(train_command(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and any(json.loads(line)["step"] >= 3 for line in log.read_text().splitlines() if line):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    killed_at = torch.load(tmp_path / "killed" / "last.pth", map_location="cpu", weights_only=True)["step"]
+    assert killed_at in (2, 4)
+    r = subprocess.run(train_command(config, "--resume"), capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = tmp_path / "killed" / "last.pth"
+    assert max_diff(trained(reference), trained(resumed)) == 0.0                  # bitwise
+    a = torch.load(reference, map_location="cpu", weights_only=True)["optimizer"]["state"]
+    b = torch.load(resumed, map_location="cpu", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+    assert [r["step"] for r in read_log(tmp_path / "killed")] == list(range(1, steps + 1))
+    assert [r["loss"] for r in read_log(tmp_path / "killed")] == [r["loss"] for r in read_log(reference.parent)]
+
+
+def test_resume_refuses_a_different_run(base, tmp_path):
+    raw = run_config(base, tmp_path / "run", optim={"max_steps": 1}, run={"save_every": 1})
+    with pytest.raises(ConfigError, match="--resume"):
+        train_in_process(raw, resume=True)
+    train_in_process(raw)
+    with pytest.raises(ConfigError, match="exists"):
+        train_in_process(raw)
+    raw["optim"]["batch_size"] = 1
+    with pytest.raises(ConfigError, match="global batch"):
+        train_in_process(raw, resume=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    loop.atomic_save({"step": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        loop.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_activation_stories_then_stage3(overfit_run, base, tmp_path):
+    """Stage 3: stories written at a reduced LoRA scale, then trained on at the normal scale."""
+    from train.activation import write_stories
+
+    clips = [base / "clip0.wav", base / "clip1.wav"]
+    stories = write_stories(overfit_run, clips, tmp_path / "stories.json", lora_scale=2.0, max_new_tokens=6,
+                            log=lambda _m: None)
+    data = json.loads((tmp_path / "stories.json").read_text())
+    assert data["annotation"] == stories and len(stories) == 2
+    assert all(s["task"] == "audio_story_telling" and s["text"] and Path(s["path"]).is_file() for s in stories)
+    assert stories[0]["text"] != OVERFIT_ANSWER       # the reduced scale loosens the stage-2 behaviour
+    raw = run_config(base, tmp_path / "stage3", model={"init_checkpoint": str(overfit_run)},
+                     data={"train": str(tmp_path / "stories.json")},
+                     optim={"batch_size": 1, "max_steps": 2, "warmup_steps": 0})
+    stage3 = torch.load(train_in_process(raw), map_location="cpu", weights_only=True)
+    assert stage3["step"] == 2 and stage3["config"]["model"]["lora_alpha"] == 32.0
+    assert max_diff(stage3["model"], trained(overfit_run)) > 0

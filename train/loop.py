@@ -1,0 +1,423 @@
+"""The training loop: AdamW with the official weight-decay groups, linear warm-up + cosine schedule,
+gradient accumulation and clipping, autocast on GPU, DistributedDataParallel under torchrun,
+validation, a JSONL log, and atomic checkpoints that resume exactly.
+
+    python -m train CONFIG.toml [--resume]                                # one process
+    torchrun --nproc_per_node=N -m train CONFIG.toml [--resume]           # N processes (NCCL / gloo)
+
+Loss normalisation: each optimizer step averages the cross-entropy over all target tokens of the
+global batch (every process, every micro-step). For one process and one micro-step that is the
+official HF mean; for any other split it gives the same gradient as that one big batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from salmonn_cli.config import SalmonnConfig
+from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
+                        collate, read_annotations, read_prompts, validation_keys)
+from train.loss import TrainingModel
+from train.model import Salmonn
+from train.official import apply_checkpoint_state, build_from_parts, load_official, official_model_config
+from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfig
+
+CHECKPOINT_NAME = "last.pth"
+BEST_NAME = "best.pth"
+LOG_NAME = "log.jsonl"
+# official optimizer groups: no decay for < 2-D tensors and names containing any of these
+NO_DECAY_NAME_PARTS = ("bias", "ln", "bn")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, *values: float) -> list[float]:
+        """Sum numbers over all processes (float64, so token counts stay exact)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed() -> Dist:
+    """torchrun's environment -> a process group (NCCL on GPU, gloo on CPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The official two AdamW groups over the trainable parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, o: OptimSection) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up from `warmup_start_lr`, then
+    cosine from `init_lr` to `min_lr` over the global step count (official LinearWarmupCosine)."""
+    if step < o.warmup_steps:
+        return o.warmup_start_lr + (o.init_lr - o.warmup_start_lr) * step / o.warmup_steps
+    return o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / o.max_steps))
+
+
+class WarmupCosineSchedule:
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimSection):
+        self.optimizer, self.optim, self.step = optimizer, optim, 0
+
+    def set(self, step: int) -> float:
+        lr = lr_at(step, self.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.step = step
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set(int(state["step"]))
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
+    """A fresh model, or the previous stage's (`init_checkpoint`: its shapes, LoRA and template)."""
+    if m.init_checkpoint:
+        model, config = load_official(Path(m.init_checkpoint), Path(m.whisper_path), Path(m.beats_path),
+                                      Path(m.llama_path))
+    else:
+        model, config = build_from_parts(Path(m.whisper_path), Path(m.beats_path), Path(m.llama_path),
+                                         qformer=m.qformer_dims(), lora=m.lora_dims(),
+                                         second_per_window=m.second_per_window, second_stride=m.second_stride,
+                                         prompt_template=m.prompt_template)
+    for module in model.speech_Qformer.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = m.qformer_dropout
+    return model, config
+
+
+def checkpoint_model_config(config: SalmonnConfig, m: ModelSection) -> dict:
+    """`ckpt['config']['model']`: the official keys, with absolute base-model paths for export."""
+    return {**official_model_config(config),
+            "whisper_path": str(Path(m.whisper_path).resolve()),
+            "beats_path": str(Path(m.beats_path).resolve()),
+            "llama_path": str(Path(m.llama_path).resolve()),
+            "max_txt_len": m.max_txt_len}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python, numpy and torch generator states, in types `torch.load(weights_only=True)` accepts."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(d: Dist) -> list[dict]:
+    state = rng_state(d.device)
+    if d.world_size == 1:
+        return [state]
+    states = [None] * d.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+class JsonlLog:
+    """One JSON object per line; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def progress_bar(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None, None
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn())
+    task = progress.add_task("train", total=total, completed=done, info="")
+    progress.start()
+    return progress, task
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDataset, d: Dist, batch_size: int,
+             num_workers: int, autocast) -> dict:
+    """Teacher-forced loss and next-token accuracy over the answer tokens of the whole set."""
+    keys = validation_keys(len(dataset), d.rank, d.world_size, batch_size)
+    loader = DataLoader(dataset, batch_sampler=keys, collate_fn=collate, num_workers=num_workers,
+                        generator=torch.Generator())
+    ce, n, correct = 0.0, 0.0, 0.0
+    net.eval()
+    with torch.no_grad():
+        for batch in loader:
+            with autocast():
+                batch_ce, batch_n, batch_correct = trainer(batch.to(d.device))
+            ce, n, correct = ce + float(batch_ce), n + float(batch_n), correct + float(batch_correct)
+    net.train()
+    ce, n, correct = d.sum(ce, n, correct)
+    return {"loss": ce / max(n, 1.0), "accuracy": correct / max(n, 1.0), "tokens": int(n)}
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) the configured stage; returns the path of the final checkpoint."""
+    d = setup_distributed()
+    try:
+        return _train(cfg, resume, d)
+    finally:
+        if d.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
+    m, o, r = cfg.model, cfg.optim, cfg.run
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    out_dir = Path(r.out_dir)
+    last_path = out_dir / CHECKPOINT_NAME
+    if resume and not last_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {last_path}")
+    if not resume and last_path.exists():
+        raise ConfigError(f"{last_path} exists; pass --resume to continue that run, or choose another out_dir")
+
+    annotations = {split: read_annotations(path) for split, path in
+                   (("train", cfg.data.train), ("valid", cfg.data.valid)) if path}   # fail before loading models
+    # identical initialisation on every process, then a per-process seed for dropout (official: seed + rank)
+    random.seed(r.seed)
+    np.random.seed(r.seed)
+    torch.manual_seed(r.seed)
+    model, config = build_model(m)
+    prompts = read_prompts(cfg.data.prompts, config)
+    tokenizer = Tokenizer(m.llama_path)
+    datasets = {}
+    for split, samples in annotations.items():
+        check_tasks(samples, prompts, getattr(cfg.data, split))
+        datasets[split] = AnnotationDataset(samples, prompts, config, tokenizer, m.max_txt_len, r.seed)
+    train_set, valid_set = datasets["train"], datasets.get("valid")
+
+    cuda = d.device.type == "cuda"
+    model.to(d.device)
+    if cuda and r.llm_dtype != "float32":
+        for param in model.llama_model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(LLM_DTYPES[r.llm_dtype])
+    trainer = TrainingModel(model)
+    net = trainer
+    if d.world_size > 1:
+        # the frozen bases are loaded from the same files everywhere: no need to broadcast them
+        frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainer, frozen)
+        net = DistributedDataParallel(trainer, device_ids=[d.device.index] if cuda else None,
+                                      broadcast_buffers=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.init_lr, betas=(o.beta1, o.beta2))
+    schedule = WarmupCosineSchedule(optimizer, o)
+    amp_dtype = AMP_DTYPES.get(r.amp) if cuda else None
+
+    def autocast():
+        return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    plan = StepPlan(o.batch_size, o.accum_steps, d.world_size)
+    stream = SampleStream(len(train_set), r.seed)
+
+    start_step, best_accuracy = 0, None
+    if resume:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        saved = ckpt["data"]
+        if saved["global_batch"] != plan.global_batch or saved["seed"] != r.seed:
+            raise ConfigError(f"{last_path} was written with global batch {saved['global_batch']} and seed "
+                              f"{saved['seed']}; this config has {plan.global_batch} and {r.seed}")
+        apply_checkpoint_state(model, ckpt["model"], source=str(last_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_accuracy = int(ckpt["step"]), ckpt.get("best_accuracy")
+        if len(ckpt["rng"]) == d.world_size:
+            set_rng_state(ckpt["rng"][d.rank], d.device)
+        else:
+            torch.manual_seed(r.seed + d.rank + start_step)
+        del ckpt
+    else:
+        torch.manual_seed(r.seed + d.rank)
+
+    def exportable() -> dict:
+        """What `salmonn export --checkpoint` reads: trained tensors and the model config."""
+        return {"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
+                "config": {"model": checkpoint_model_config(config, m), "run": cfg.to_dict()}}
+
+    def save(step: int) -> None:
+        states = gather_rng_states(d)
+        if d.is_main:
+            atomic_save({
+                **exportable(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": states,
+                "data": {"position": plan.data_position(step), "global_batch": plan.global_batch, "seed": r.seed,
+                         "epoch": plan.data_position(step) // len(train_set)},
+                "step": step,
+                "epoch": plan.data_position(step) // len(train_set),
+                "world_size": d.world_size,
+                "best_accuracy": best_accuracy,
+            }, last_path)
+
+    log = JsonlLog(out_dir / LOG_NAME, d.is_main, start_step if resume else None)
+    loader = DataLoader(train_set, batch_sampler=StepBatchSampler(stream, plan, d.rank, start_step, o.max_steps),
+                        collate_fn=collate, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator())
+    batches = iter(loader)
+    progress, task = progress_bar(d.is_main and r.progress, o.max_steps, start_step)
+    net.train()
+    try:
+        for step in range(start_step, o.max_steps):
+            started = time.perf_counter()
+            micro_batches = [next(batches).to(d.device) for _ in range(o.accum_steps)]
+            local_tokens = sum(b.n_tokens(config.n_audio_tokens) for b in micro_batches)
+            global_targets, global_tokens = d.sum(sum(b.n_targets for b in micro_batches), local_tokens)
+            lr = schedule.set(step)
+            ce_total, correct_total = 0.0, 0.0
+            for k, batch in enumerate(micro_batches):
+                last_micro = k == len(micro_batches) - 1
+                no_sync = net.no_sync() if d.world_size > 1 and not last_micro else nullcontext()
+                with no_sync:
+                    with autocast():
+                        ce_sum, _, correct = net(batch)
+                    # DDP averages gradients over processes; scaling by world size turns that into a sum
+                    scaler.scale(ce_sum * d.world_size / global_targets).backward()
+                ce_total += float(ce_sum.detach())
+                correct_total += float(correct)
+            scaler.unscale_(optimizer)
+            if o.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in trainable if p.grad is not None])))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            ce_total, correct_total = d.sum(ce_total, correct_total)
+            seconds = time.perf_counter() - started
+            record = {"step": done, "split": "train", "loss": ce_total / global_targets,
+                      "accuracy": correct_total / global_targets, "lr": lr, "grad_norm": grad_norm,
+                      "target_tokens": int(global_targets), "tokens_per_s": global_tokens / seconds,
+                      "seconds": seconds}
+            log.write(record)
+            if progress is not None:
+                progress.update(task, completed=done, info=f"loss {record['loss']:.4f}  lr {lr:.2e}  "
+                                                           f"{record['tokens_per_s']:.0f} tok/s")
+            if valid_set is not None and (done % r.val_every == 0 or done == o.max_steps):
+                metrics = evaluate(net, trainer, valid_set, d, o.batch_size, cfg.data.num_workers, autocast)
+                log.write({"step": done, "split": "valid", **metrics})
+                if best_accuracy is None or metrics["accuracy"] > best_accuracy:
+                    best_accuracy = metrics["accuracy"]
+                    if d.is_main:
+                        atomic_save({**exportable(), "step": done, "valid": metrics}, out_dir / BEST_NAME)
+            if done % r.save_every == 0 or done == o.max_steps:
+                save(done)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return last_path

@@ -1,0 +1,99 @@
+"""The training loss of SALMONN (spec §7.3), on a `Batch` from train/data.py.
+
+Each sample's LLM input is [BOS] + prompt-before + audio + prompt-after + answer + EOS; labels are
+-100 everywhere except on the answer and its EOS. The loss is the HF shifted cross-entropy: the
+output at position t predicts the token at t + 1.
+
+Two deliberate differences from the official batching, both invisible for a batch of one:
+- each sample's tokens are contiguous and the padding goes at the end of the sequence. The
+  official code pads the prompt-after part in the middle, so for shorter prompts the first answer
+  token is predicted from a pad position and positions differ from inference (spec §7.3.5).
+- BEATs runs on each clip unpadded and its output is zero-padded to the Whisper length, exactly as
+  at inference; the official batch pads the waveforms instead and passes BEATs' outputs at the
+  padded positions on to the Q-Former.
+
+`TrainingModel.forward` returns sums (cross-entropy, target tokens, correct argmax predictions)
+rather than a mean, so that the caller can normalise by the token count of the whole global batch:
+then any split over processes and micro-steps gives the same gradient (train/loop.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.data import IGNORE_INDEX, Batch
+from train.model import Salmonn, cut_windows, pad_time
+
+
+def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) -> torch.Tensor:
+    """(B, n_mels, frames), B x (F_i, 128) -> audio embeddings (B, n_audio_tokens, llm_hidden).
+
+    The frozen encoders run without autograd; the LayerNorms, Q-Former and projection train.
+    """
+    with torch.no_grad():
+        speech = model.speech_encoder(mel).last_hidden_state
+        sounds = [model.beats(fbank.unsqueeze(0))[0] for fbank in fbanks]
+    speech = model.ln_speech(speech)
+    sounds = [model.ln_audio(s) for s in sounds]
+    frames = max(speech.shape[1], *(s.shape[0] for s in sounds))
+    sounds = torch.stack([pad_time(s.unsqueeze(0), frames)[0] for s in sounds])
+    fused = torch.cat([pad_time(speech, frames), sounds], dim=-1)
+    windows = cut_windows(fused, model.config.window_frames, model.config.stride_frames)
+    b, n_windows, kernel, width = windows.shape
+    windows = windows.reshape(b * n_windows, kernel, width)
+    queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
+    tokens = model.speech_llama_proj(model.speech_Qformer(queries, windows))
+    return tokens.reshape(b, -1, tokens.shape[-1])
+
+
+def assemble_inputs(model: Salmonn, audio_embeds: torch.Tensor,
+                    batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> inputs_embeds (B, T, H), attention_mask (B, T), labels (B, T); right-padded."""
+    embed = model.llama_model.get_input_embeddings()
+    device = audio_embeds.device
+    bos = model.config.llm.bos_token_id
+    rows, labels = [], []
+    for i in range(len(batch)):
+        before = [bos, *batch.ids_before[i]]
+        text = torch.tensor(before + batch.ids_after[i] + batch.answer_ids[i], dtype=torch.long, device=device)
+        text_embeds = embed(text)
+        audio = audio_embeds[i].to(text_embeds.dtype)
+        rows.append(torch.cat([text_embeds[:len(before)], audio, text_embeds[len(before):]]))
+        n_prompt = len(before) + audio.shape[0] + len(batch.ids_after[i])
+        labels.append([IGNORE_INDEX] * n_prompt + batch.answer_ids[i])
+    length = max(r.shape[0] for r in rows)
+    inputs = torch.stack([F.pad(r, (0, 0, 0, length - r.shape[0])) for r in rows])
+    mask = torch.tensor([[1] * r.shape[0] + [0] * (length - r.shape[0]) for r in rows], device=device)
+    label_tensor = torch.tensor([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels], device=device)
+    return inputs, mask, label_tensor
+
+
+def shifted_loss_sums(model: Salmonn, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, number of targets, number of correct argmax predictions).
+
+    The LM head runs only on the positions that predict a target, not on the audio and prompt.
+    """
+    llm = model.llm
+    hidden = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    predicts = targets != IGNORE_INDEX
+    logits = llm.lm_head(hidden[:, :-1][predicts]).float()
+    wanted = targets[predicts]
+    ce_sum = F.cross_entropy(logits, wanted, reduction="sum")
+    correct = (logits.argmax(dim=-1) == wanted).sum()
+    return ce_sum, predicts.sum(), correct
+
+
+class TrainingModel(nn.Module):
+    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct)."""
+
+    def __init__(self, model: Salmonn):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        audio_embeds = encode_batch(self.model, batch.mel, batch.fbanks)
+        inputs, mask, labels = assemble_inputs(self.model, audio_embeds, batch)
+        return shifted_loss_sums(self.model, inputs, mask, labels)

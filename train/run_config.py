@@ -1,0 +1,184 @@
+"""A training run's settings: one TOML file (train/stages/*.toml) read into `TrainConfig`.
+
+Sections `[model]`, `[data]`, `[optim]`, `[run]` map onto the dataclasses below; an unknown key is an
+error. Defaults are the official SALMONN v1 recipe (spec §7.1). Relative paths are taken relative to
+the current directory, like the official configs. `--set section.key=value` overrides any key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from salmonn_cli.config import LoraDims, QFormerDims
+from salmonn_cli.errors import SalmonnError
+
+AMP_MODES = ("fp16", "bf16", "none")
+LLM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(SalmonnError):
+    """The training config file or an override is invalid."""
+
+
+@dataclass
+class ModelSection:
+    whisper_path: str = ""
+    beats_path: str = ""
+    llama_path: str = ""
+    # a previous stage's checkpoint: its trained tensors and shapes replace the fresh ones below
+    init_checkpoint: str = ""
+    qformer_hidden: int = 768
+    qformer_layers: int = 2
+    qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    num_query_tokens: int = 1
+    qformer_dropout: float = 0.1
+    second_per_window: float = 0.333333
+    second_stride: float = 0.333333
+    lora_r: int = 8
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    prompt_template: str = "USER: {}\nASSISTANT:"
+    max_txt_len: int = 300          # answer tokens (EOS included) kept per sample
+
+    def qformer_dims(self) -> QFormerDims:
+        return QFormerDims(hidden=self.qformer_hidden, n_layers=self.qformer_layers, n_heads=self.qformer_heads,
+                           intermediate=self.qformer_intermediate, num_query_tokens=self.num_query_tokens)
+
+    def lora_dims(self) -> LoraDims:
+        return LoraDims(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                        targets=tuple(self.lora_targets))
+
+
+@dataclass
+class DataSection:
+    train: str = ""                 # annotation file {"annotation": [...]}
+    valid: str = ""                 # optional, same format
+    prompts: str = "train/stages/prompts.json"
+    num_workers: int = 0            # DataLoader worker processes computing features
+
+
+@dataclass
+class OptimSection:
+    init_lr: float = 3e-5
+    min_lr: float = 1e-5
+    warmup_start_lr: float = 1e-6
+    warmup_steps: int = 3000
+    max_steps: int = 90000          # official: 30 epochs x 3000 iterations
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 0.0          # max global grad norm; 0 = no clipping (official)
+    batch_size: int = 8             # samples per process per micro-step
+    accum_steps: int = 1            # micro-steps per optimizer step
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/stage1"
+    seed: int = 42
+    amp: str = "fp16"               # GPU only ("fp16" official, "bf16", "none"); CPU runs fp32
+    llm_dtype: str = "float32"      # GPU only: dtype of the frozen LLM base weights
+    save_every: int = 3000          # steps between checkpoints (and one at the end)
+    val_every: int = 3000           # steps between validations (and one at the end)
+    threads: int = 0                # torch CPU threads per process; 0 = torch's default
+    progress: bool = True           # rich progress bar on rank 0
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            known = {f.name: f for f in dataclasses.fields(section_cls)}
+            bad = set(values) - set(known)
+            if bad:
+                raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(bad))}")
+            sections[name] = section_cls(**{k: _coerce(name, known[k], v) for k, v in values.items()})
+        config = cls(**sections)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        m, o, r = self.model, self.optim, self.run
+        for key in ("whisper_path", "beats_path", "llama_path"):
+            if not getattr(m, key):
+                raise ConfigError(f"[model] {key} is required")
+        if not self.data.train:
+            raise ConfigError("[data] train (an annotation file) is required")
+        if r.amp not in AMP_MODES:
+            raise ConfigError(f"[run] amp must be one of {', '.join(AMP_MODES)}, not {r.amp!r}")
+        if r.llm_dtype not in LLM_DTYPES:
+            raise ConfigError(f"[run] llm_dtype must be one of {', '.join(LLM_DTYPES)}, not {r.llm_dtype!r}")
+        for section, key in (("optim", "batch_size"), ("optim", "accum_steps"), ("optim", "max_steps"),
+                             ("run", "save_every"), ("run", "val_every"), ("model", "max_txt_len")):
+            if getattr(getattr(self, section), key) < 1:
+                raise ConfigError(f"[{section}] {key} must be at least 1")
+        if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+            raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
+
+
+def _coerce(section: str, f: dataclasses.Field, value):
+    """TOML gives ints where a float is meant (`init_lr = 1` ); anything else must match the default's type."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"[{section}] {f.name} must be of type {type(default).__name__}, got {value!r}")
+    return value
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`section.key=value`, the value in TOML syntax (a bare word is taken as a string)."""
+    target, sep, text = assignment.partition("=")
+    section, dot, key = target.strip().partition(".")
+    if not (sep and dot and section and key):
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    raw.setdefault(section, {})[key] = value
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return TrainConfig.from_dict(raw)
