@@ -25,7 +25,7 @@ DEFAULT_CONTEXT = 2048
 
 def default_threads() -> int:
     # With two cores and another busy process, a second llama.cpp thread spins instead of
-    # working (measured in BENCHMARKS.md); one thread per two cores is the safe default.
+    # working (benchmarks/llm_threads.md: 0.48x); one thread per two cores is the safe default.
     return max(1, (os.cpu_count() or 2) // 2)
 
 
