@@ -31,6 +31,7 @@ class AudioEncoder:
         # The fbank length changes with every clip; ORT's CPU arena keeps every size it has seen
         # (measured: +160 MB over a 10-minute transcription), so allocate per call instead.
         options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         options.log_severity_level = 3
         # onnxruntime-gpu lists CUDA even when its libraries are absent, then logs a failed load and
         # falls back to the CPU: keep that quiet, the chosen provider is reported in `provider`.
