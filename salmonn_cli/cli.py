@@ -317,7 +317,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to create."),
     official_ckpt: Optional[Path] = typer.Option(None, "--official-ckpt", help="Official checkpoint "
                                                  "(salmonn_v1.pth / salmonn_7b_v0.pth)."),
-    whisper: Optional[Path] = typer.Option(None, "--whisper", help="HF whisper directory (whisper-large-v2)."),
+    whisper: Optional[Path] = typer.Option(None, "--whisper", help="Whisper: an HF directory (whisper-large-v2) or a CTranslate2 model directory / model.bin."),
     beats: Optional[Path] = typer.Option(None, "--beats", help="BEATs checkpoint (.pt)."),
     llm: Optional[Path] = typer.Option(None, "--llm", help="HF Vicuna/LLaMA directory."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint whose config names "

@@ -1,8 +1,9 @@
 """Whisper encoder: the stock transformers `WhisperEncoder`, built from `WhisperDims` and loaded from disk.
 
-`load_whisper_encoder(path)` picks a reader by what `path` holds; each reader returns the dims and
-the encoder's state dict in HF names, so another format (e.g. CTranslate2 `model.bin`) only needs a
-new reader in `WHISPER_READERS`. HF folders are read by train/hf_files.py.
+`load_whisper_encoder(path)` picks a reader by what `path` holds (an HF folder, read by
+train/hf_files.py, or a CTranslate2 folder / `model.bin`, read by train/ct2_whisper.py); each reader
+returns the dims and the encoder's state dict in HF names, so another format only needs a new
+reader in `WHISPER_READERS`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from salmonn_cli.config import WhisperDims
 from salmonn_cli.errors import ModelError
+from train.ct2_whisper import is_ct2_model, read_ct2_whisper
 from train.hf_files import read_json, read_tensors
 
 HF_CONFIG = "config.json"
@@ -64,8 +66,10 @@ def is_hf_dir(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / HF_CONFIG).is_file()
 
 
-# (predicate on the path, reader) pairs, tried in order
+# (predicate on the path, reader) pairs, tried in order; a CTranslate2 folder also holds a
+# config.json (not HF's), so its reader comes first
 WHISPER_READERS: list[tuple[Callable[[Path], bool], Callable[[Path], tuple[WhisperDims, dict]]]] = [
+    (is_ct2_model, read_ct2_whisper),
     (is_hf_dir, read_hf_whisper),
 ]
 
@@ -78,7 +82,8 @@ def load_whisper_encoder(path: Path) -> tuple[WhisperDims, WhisperEncoder]:
             dims, state = reader(path)
             break
     else:
-        raise ModelError(f"not a Whisper model folder (no {HF_CONFIG}): {path}")
+        raise ModelError(f"not a Whisper model (an HF folder with {HF_CONFIG}, or a CTranslate2 "
+                         f"folder or model.bin): {path}")
     encoder = build_whisper_encoder(dims)
     expected = set(encoder.state_dict())
     missing = sorted(expected - set(state))
