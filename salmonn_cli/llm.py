@@ -201,13 +201,14 @@ class LlamaModel:
         return llama_cpp.llama_vocab_eos(self._vocab)
 
     # --- tokenizer --------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token text such as "</s>" is not parsed as a special token."""
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token text such as "</s>" or "<|im_end|>" is plain text
+        unless `special` (then it becomes that special token)."""
         data = text.encode("utf-8")
         capacity = len(data) + 2
         for _ in range(2):
             buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, False)
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos, special)
             if n >= 0:
                 return list(buf[:n])
             capacity = -n

@@ -17,6 +17,7 @@ from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import BeamSequences, LlamaModel
 from salmonn_cli.manifest import Manifest, load_manifest
 from salmonn_cli.prompt import build_prompt
+from salmonn_cli.trim import audio_token_count, clip_fbank_frames, mel_frame_count
 
 # Room for the prompt text around the audio tokens when sizing the llama.cpp context.
 PROMPT_TEXT_BUDGET = 256
@@ -122,10 +123,19 @@ class Pipeline:
         self.suppress = tuple(range(self.config.llm.vocab_size, self.llm.n_vocab))
 
     @property
+    def audio_token_room(self) -> int:
+        """Audio embeddings that fit in the context beside the prompt and the answer."""
+        return self.llm.n_ctx - 1 - self.answer_room
+
+    @property
     def max_audio_windows(self) -> int:
-        """How many windows' embeddings fit in the context beside the prompt and the answer."""
-        free = self.llm.n_ctx - 1 - self.answer_room
-        return max(1, free // self.config.n_audio_tokens)
+        """How many full (`max_seconds`) windows' embeddings fit in the context; with
+        `trim_windows` a shorter window takes fewer tokens (`audio_tokens`)."""
+        return max(1, self.audio_token_room // self.config.n_audio_tokens)
+
+    def audio_tokens(self, n_samples: int) -> int:
+        """Audio embeddings `embed_wave` returns for `n_samples` of 16 kHz audio."""
+        return audio_token_count(self.config, clip_fbank_frames(self.config, n_samples))
 
     def close(self) -> None:
         self.llm.close()
@@ -148,15 +158,18 @@ class Pipeline:
         return AudioInput(str(path), seconds, truncated, embeds, load_s, encode_s)
 
     def embed_wave(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
-        """16 kHz mono samples (at most `max_seconds` are used) -> ((n_audio_tokens, llm_hidden), seconds taken)."""
+        """16 kHz mono samples (at most `max_seconds` are used) -> ((n_audio_tokens, llm_hidden), seconds taken).
+
+        With `config.trim_windows` the encoder reads only the mel columns of the clip's own windows
+        and returns `audio_tokens(len(wave))` embeddings (salmonn_cli/trim.py)."""
         cfg = self.config
         t0 = time.perf_counter()
         wave, _ = audio.fit_to_window(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
         mel = features.log_mel_spectrogram(wave, n_mels=cfg.whisper.n_mels,
                                            n_samples=int(cfg.max_seconds * cfg.sample_rate))
         fbank = features.beats_fbank(wave)
-        embeds = self.encoder(mel, fbank)
-        expected = (cfg.n_audio_tokens, cfg.llm.hidden_size)
+        embeds = self.encoder(mel[:, :mel_frame_count(cfg, len(fbank))], fbank)
+        expected = (audio_token_count(cfg, len(fbank)), cfg.llm.hidden_size)
         if embeds.shape != expected:
             raise ModelError(f"audio encoder returned {embeds.shape}, the manifest says {expected}")
         return embeds, time.perf_counter() - t0

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from salmonn_cli.errors import SalmonnError
+from salmonn_cli.prompt import prompt_token_ids
 from train.data import (DataError, Sample, Tokenizer, choose_prompt, clip_features, load_wave, read_prompts)
 from train.loss import encode_batch
 
@@ -63,10 +64,10 @@ def write_stories(checkpoint: Path, clips: list[Path], out: Path, *, lora_scale:
     for i, clip in enumerate(clips):
         sample = Sample(path=str(Path(clip).resolve()), text="", task=task)
         mel, fbank = clip_features(load_wave(sample, config), config)
-        before, after = choose_prompt(prompts, sample, seed, i).split(config.audio_placeholder)
+        ids_before, ids_after = prompt_token_ids(config, choose_prompt(prompts, sample, seed, i), tokenizer.encode)
         with torch.no_grad():
             audio = encode_batch(model, torch.from_numpy(mel)[None], [torch.from_numpy(fbank)])
-            embeds = model.llm_input_embeds(audio, tokenizer.encode(before), tokenizer.encode(after))
+            embeds = model.llm_input_embeds(audio, ids_before, ids_after)
             ids = model.llm.generate(
                 inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                 max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,

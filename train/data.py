@@ -23,6 +23,8 @@ import torch
 from salmonn_cli import audio, features
 from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import SalmonnError
+from salmonn_cli.prompt import prompt_token_ids
+from salmonn_cli.trim import audio_token_count
 
 DEFAULT_TASK = "asr"
 EXPAND_GAP_SAMPLES = 1600       # zeros between a clip and each `expand_wav` (0.1 s at 16 kHz)
@@ -104,7 +106,8 @@ def check_tasks(samples: list[Sample], prompts: dict[str, list[str]], source: st
 class Tokenizer:
     """Text -> ids with no BOS/EOS. SentencePiece models are run by sentencepiece itself, which
     tokenizes exactly like the official slow LlamaTokenizer and llama.cpp (the transformers fast
-    tokenizer differs on repeated spaces). Loaded lazily so that it crosses into workers as a path."""
+    tokenizer differs on repeated spaces). Special-token text ("<|im_end|>") is plain text unless
+    `special`, as in llama.cpp. Loaded lazily so that it crosses into workers as a path."""
 
     def __init__(self, llm_dir: str | Path):
         self.llm_dir = str(llm_dir)
@@ -113,8 +116,8 @@ class Tokenizer:
     def __getstate__(self):
         return {"llm_dir": self.llm_dir, "_encode": None}
 
-    def encode(self, text: str) -> list[int]:
-        return self._codec()[0](text)
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return self._codec()[0](text, special)
 
     def decode(self, ids: list[int]) -> str:
         return self._codec()[1](ids)
@@ -132,14 +135,22 @@ def _load_codec(llm_dir: str):
         import sentencepiece
 
         processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
-        return (lambda text: list(processor.encode(text))), (lambda ids: processor.decode(list(ids)))
+
+        def encode_spm(text: str, special: bool) -> list[int]:
+            if special:     # sentencepiece never turns text into control tokens
+                raise DataError(f"the SentencePiece tokenizer of {llm_dir} cannot parse special tokens; "
+                                "use a template without them (prompt_special_tokens = false)")
+            return list(processor.encode(text))
+
+        return encode_spm, (lambda ids: processor.decode(list(ids)))
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot load a tokenizer from {llm_dir}: {exc}") from None
-    return ((lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)),
+    return ((lambda text, special: list(tokenizer(text, add_special_tokens=False,
+                                                  split_special_tokens=not special).input_ids)),
             (lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)))
 
 
@@ -197,17 +208,18 @@ class AnnotationDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         cfg = self.config
         mel, fbank = clip_features(load_wave(sample, cfg), cfg)
-        before, after = choose_prompt(self.prompts, sample, self.seed, draw).split(cfg.audio_placeholder)
+        ids_before, ids_after = prompt_token_ids(cfg, choose_prompt(self.prompts, sample, self.seed, draw),
+                                                 self._tokens)
         answer = (self._tokens(sample.text) + [cfg.llm.eos_token_id])[:self.max_txt_len]
-        return Item(index, mel, fbank, self._tokens(before), self._tokens(after), answer)
+        return Item(index, mel, fbank, ids_before, ids_after, answer)
 
-    def _tokens(self, text: str) -> list[int]:
-        return _cached_encode(self.tokenizer, text)
+    def _tokens(self, text: str, special: bool = False) -> list[int]:
+        return _cached_encode(self.tokenizer, text, special)
 
 
 @lru_cache(maxsize=4096)
-def _cached_encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text)
+def _cached_encode(tokenizer: Tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer.encode(text, special)
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -228,10 +240,10 @@ class Batch:
     def n_targets(self) -> int:
         return sum(len(a) for a in self.answer_ids)
 
-    def n_tokens(self, n_audio_tokens: int) -> int:
+    def n_tokens(self, config: SalmonnConfig) -> int:
         """LLM input positions, padding excluded: BOS, prompt, audio, answer."""
         text = sum(1 + len(b) + len(a) + len(t) for b, a, t in zip(self.ids_before, self.ids_after, self.answer_ids))
-        return text + len(self) * n_audio_tokens
+        return text + sum(audio_token_count(config, f.shape[0]) for f in self.fbanks)
 
     def to(self, device) -> "Batch":
         return Batch(self.indices, self.mel.to(device), [f.to(device) for f in self.fbanks],

@@ -131,7 +131,9 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
         model, config = build_from_parts(Path(m.whisper_path), Path(m.beats_path), Path(m.llama_path),
                                          qformer=m.qformer_dims(), lora=m.lora_dims(),
                                          second_per_window=m.second_per_window, second_stride=m.second_stride,
-                                         prompt_template=m.prompt_template)
+                                         prompt_template=m.prompt_template,
+                                         prompt_special_tokens=m.prompt_special_tokens,
+                                         trim_windows=m.trim_windows)
     for module in model.speech_Qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = m.qformer_dropout
@@ -373,7 +375,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
         for step in range(start_step, o.max_steps):
             started = time.perf_counter()
             micro_batches = [next(batches).to(d.device) for _ in range(o.accum_steps)]
-            local_tokens = sum(b.n_tokens(config.n_audio_tokens) for b in micro_batches)
+            local_tokens = sum(b.n_tokens(config) for b in micro_batches)
             global_targets, global_tokens = d.sum(sum(b.n_targets for b in micro_batches), local_tokens)
             lr = schedule.set(step)
             ce_total, correct_total = 0.0, 0.0

@@ -12,6 +12,9 @@ Two deliberate differences from the official batching, both invisible for a batc
   at inference; the official batch pads the waveforms instead and passes BEATs' outputs at the
   padded positions on to the Q-Former.
 
+With `config.trim_windows` (salmonn_cli/trim.py) each sample has its own number of audio tokens;
+its row stays contiguous, so positions and masking are those of the sample alone.
+
 `TrainingModel.forward` returns sums (cross-entropy, target tokens, correct argmax predictions)
 rather than a mean, so that the caller can normalise by the token count of the whole global batch:
 then any split over processes and micro-steps gives the same gradient (train/loop.py).
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salmonn_cli.trim import audio_token_count, mel_frame_count
 from train.data import IGNORE_INDEX, Batch
 from train.model import Salmonn, cut_windows, pad_time
 
@@ -30,7 +34,11 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) 
     """(B, n_mels, frames), B x (F_i, 128) -> audio embeddings (B, n_audio_tokens, llm_hidden).
 
     The frozen encoders run without autograd; the LayerNorms, Q-Former and projection train.
+    With `config.trim_windows` sample i has `audio_token_count(config, F_i)` tokens, zero-padded
+    at the end to the longest (`assemble_inputs` takes each sample's own count).
     """
+    if model.config.trim_windows:
+        return encode_trimmed_batch(model, mel, fbanks)
     with torch.no_grad():
         speech = model.speech_encoder(mel).last_hidden_state
         sounds = [model.beats(fbank.unsqueeze(0))[0] for fbank in fbanks]
@@ -47,18 +55,53 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) 
     return tokens.reshape(b, -1, tokens.shape[-1])
 
 
+def encode_trimmed_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) -> torch.Tensor:
+    """`encode_batch` with each clip cut to its own windows (salmonn_cli/trim.py), computed exactly
+    as `Salmonn.encode_audio` computes one clip: Whisper runs batched over the clips of equal
+    length, the Q-Former once over the windows of all clips."""
+    config = model.config
+    encoder = model.audio_encoder()
+    mel_frames = [mel_frame_count(config, fbank.shape[0]) for fbank in fbanks]
+    speech: list[torch.Tensor | None] = [None] * len(fbanks)
+    with torch.no_grad():
+        for length in sorted(set(mel_frames)):
+            rows = [i for i, n in enumerate(mel_frames) if n == length]
+            states = encoder.whisper(mel[rows, :, :length])
+            for row, state in zip(rows, states):
+                speech[row] = state
+        sounds = [model.beats(fbank.unsqueeze(0)) for fbank in fbanks]
+    windows = [cut_windows(encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a)),
+                           config.window_frames, config.stride_frames)[0]
+               for s, a in zip(speech, sounds)]
+    counts = [w.shape[0] for w in windows]
+    windows = torch.cat(windows)
+    queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
+    tokens = model.speech_llama_proj(model.speech_Qformer(queries, windows))
+    per_clip = [t.reshape(-1, t.shape[-1]) for t in tokens.split(counts)]
+    longest = max(t.shape[0] for t in per_clip)
+    return torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t in per_clip])
+
+
+def audio_token_counts(model: Salmonn, audio_embeds: torch.Tensor, batch: Batch) -> list[int]:
+    """Each sample's number of audio tokens in `audio_embeds` (its padding excluded)."""
+    if not model.config.trim_windows:
+        return [audio_embeds.shape[1]] * len(batch)
+    return [audio_token_count(model.config, fbank.shape[0]) for fbank in batch.fbanks]
+
+
 def assemble_inputs(model: Salmonn, audio_embeds: torch.Tensor,
                     batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> inputs_embeds (B, T, H), attention_mask (B, T), labels (B, T); right-padded."""
     embed = model.llama_model.get_input_embeddings()
     device = audio_embeds.device
     bos = model.config.llm.bos_token_id
+    n_audio = audio_token_counts(model, audio_embeds, batch)
     rows, labels = [], []
     for i in range(len(batch)):
         before = [bos, *batch.ids_before[i]]
         text = torch.tensor(before + batch.ids_after[i] + batch.answer_ids[i], dtype=torch.long, device=device)
         text_embeds = embed(text)
-        audio = audio_embeds[i].to(text_embeds.dtype)
+        audio = audio_embeds[i, :n_audio[i]].to(text_embeds.dtype)
         rows.append(torch.cat([text_embeds[:len(before)], audio, text_embeds[len(before):]]))
         n_prompt = len(before) + audio.shape[0] + len(batch.ids_after[i])
         labels.append([IGNORE_INDEX] * n_prompt + batch.answer_ids[i])

@@ -15,9 +15,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from salmonn_cli.config import LlmDims, LoraDims, SalmonnConfig
 from salmonn_cli.errors import ModelError
+from salmonn_cli.trim import mel_frame_count
 from train.beats import BEATs
 from train.qformer import QFormer
 from train.whisper import build_whisper_encoder
@@ -93,6 +95,20 @@ def pad_time(x: torch.Tensor, frames) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, frames - x.shape[1]))
 
 
+def whisper_states(encoder: WhisperEncoder, mel: torch.Tensor) -> torch.Tensor:
+    """HF `WhisperEncoder.forward` for a log-mel of any even length up to the full one.
+
+    HF insists on exactly the full length (its position table is added whole); here the table is
+    cut to the frames present. Same modules, same order: the full length gives HF's output.
+    """
+    x = F.gelu(encoder.conv1(mel))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.embed_positions.weight[:x.shape[1]]
+    for layer in encoder.layers:
+        x = layer(x, None)
+    return encoder.layer_norm(x)
+
+
 def cut_windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """(B, T, C) -> (B, L, kernel, C) with L = (T - kernel) // stride + 1; trailing frames are dropped."""
     n_windows = (x.shape[1] - kernel) // stride + 1
@@ -105,6 +121,8 @@ class AudioEncoder(nn.Module):
     """(mel, fbank) -> LLM-space audio embeddings, holding the very submodules of a `Salmonn`.
 
     `forward` takes batch 1 and returns (n_audio_tokens, llm_hidden): the export signature.
+    With `config.trim_windows` the mel is already cut to the clip (salmonn_cli/trim.py): Whisper
+    runs on it whole and the BEATs stream is padded or cut to its length.
     """
 
     def __init__(self, model: "Salmonn"):
@@ -118,13 +136,28 @@ class AudioEncoder(nn.Module):
         self.speech_llama_proj = model.speech_llama_proj
         self.window_frames = model.config.window_frames
         self.stride_frames = model.config.stride_frames
+        self.trim_windows = model.config.trim_windows
+
+    def whisper(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, M) -> Whisper's last hidden state (B, M / 2, whisper_d)."""
+        if self.trim_windows:
+            return whisper_states(self.speech_encoder, mel)
+        return self.speech_encoder(mel).last_hidden_state
+
+    def join(self, speech: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """Normalised streams (B, T, whisper_d), (B, T_b, beats_width) -> (B, T', fused_width)."""
+        if self.trim_windows:
+            # the windows are sized to Whisper's frames; BEATs (fewer frames) is padded to them
+            frames = speech.shape[1]
+            audio = audio[:, :frames]
+        else:
+            frames = torch.sym_max(speech.shape[1], audio.shape[1])
+            speech = pad_time(speech, frames)
+        return torch.cat([speech, pad_time(audio, frames)], dim=-1)
 
     def fuse(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
-        """(B, n_mels, 3000), (B, F, 128) -> (B, T, whisper_d + beats_width): the official `qformer_in`."""
-        speech = self.ln_speech(self.speech_encoder(mel).last_hidden_state)
-        audio = self.ln_audio(self.beats(fbank))
-        frames = torch.sym_max(speech.shape[1], audio.shape[1])
-        return torch.cat([pad_time(speech, frames), pad_time(audio, frames)], dim=-1)
+        """(B, n_mels, M), (B, F, 128) -> (B, T, whisper_d + beats_width): the official `qformer_in`."""
+        return self.join(self.ln_speech(self.whisper(mel)), self.ln_audio(self.beats(fbank)))
 
     def qformer(self, fused: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> Q-Former last hidden state (B * L, Q, qformer_hidden)."""
@@ -188,7 +221,13 @@ class Salmonn(nn.Module):
         return self.audio_encoder().fuse(mel, fbank)
 
     def encode_audio(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
-        """(B, n_mels, 3000), (B, F, 128) -> (B, n_audio_tokens, llm_hidden)."""
+        """(B, n_mels, 3000), (B, F, 128) -> (B, n_audio_tokens, llm_hidden).
+
+        With `config.trim_windows` the mel is cut here to the clip's columns (salmonn_cli/trim.py);
+        a mel already cut to them passes unchanged.
+        """
+        if self.config.trim_windows:
+            mel = mel[..., :mel_frame_count(self.config, fbank.shape[1])]
         return self.audio_encoder().embed(mel, fbank)
 
     # --- LLM -----------------------------------------------------------------------------------

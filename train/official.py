@@ -38,6 +38,10 @@ DEFAULT_LORA_ALPHA = 32.0
 DEFAULT_LORA_DROPOUT = 0.1
 # Not an official key: written by save_official_format because heads cannot be read from shapes.
 QFORMER_HEADS_KEY = "qformer_heads"
+# Not an official key: the template's own text holds special tokens (ChatML; salmonn_cli/prompt.py).
+PROMPT_SPECIAL_TOKENS_KEY = "prompt_special_tokens"
+# Not an official key: the model was trained with its windows trimmed to the clip (salmonn_cli/trim.py).
+TRIM_WINDOWS_KEY = "trim_windows"
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -131,6 +135,8 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
         second_per_window=float(model_cfg.get("second_per_window", defaults.second_per_window)),
         second_stride=float(model_cfg.get("second_stride", defaults.second_stride)),
         prompt_template=str(model_cfg.get("prompt_template", defaults.prompt_template)),
+        prompt_special_tokens=bool(model_cfg.get(PROMPT_SPECIAL_TOKENS_KEY, defaults.prompt_special_tokens)),
+        trim_windows=bool(model_cfg.get(TRIM_WINDOWS_KEY, defaults.trim_windows)),
     )
     n_query = model_cfg.get("num_speech_query_token")
     if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
@@ -213,6 +219,8 @@ def official_model_config(config: SalmonnConfig) -> dict:
         "lora_alpha": config.lora.alpha,
         "lora_dropout": config.lora.dropout,
         "prompt_template": config.prompt_template,
+        PROMPT_SPECIAL_TOKENS_KEY: config.prompt_special_tokens,
+        TRIM_WINDOWS_KEY: config.trim_windows,
         QFORMER_HEADS_KEY: config.qformer.n_heads,
     }
 
@@ -228,7 +236,8 @@ def save_official_format(model: Salmonn, path: Path) -> None:
 def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qformer: QFormerDims,
                      lora: LoraDims, second_per_window: float | None = None,
                      second_stride: float | None = None,
-                     prompt_template: str | None = None) -> tuple[Salmonn, SalmonnConfig]:
+                     prompt_template: str | None = None, prompt_special_tokens: bool = False,
+                     trim_windows: bool = False) -> tuple[Salmonn, SalmonnConfig]:
     """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
     trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode."""
     whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
@@ -240,6 +249,8 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         second_per_window=defaults.second_per_window if second_per_window is None else float(second_per_window),
         second_stride=defaults.second_stride if second_stride is None else float(second_stride),
         prompt_template=defaults.prompt_template if prompt_template is None else prompt_template,
+        prompt_special_tokens=prompt_special_tokens,
+        trim_windows=trim_windows,
     )
     llm = build_llama(llm_dims, read_llm_weights(llm_dir))
     model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)

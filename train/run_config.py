@@ -42,6 +42,10 @@ class ModelSection:
     lora_dropout: float = 0.1
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     prompt_template: str = "USER: {}\nASSISTANT:"
+    # the template's own text holds special tokens (ChatML); False for Vicuna's plain-text template
+    prompt_special_tokens: bool = False
+    # keep only the windows that cover the clip (salmonn_cli/trim.py); False = official 88 windows
+    trim_windows: bool = False
     max_txt_len: int = 300          # answer tokens (EOS included) kept per sample
 
     def qformer_dims(self) -> QFormerDims:
