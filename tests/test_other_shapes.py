@@ -31,6 +31,7 @@ from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.llm import LlamaModel
 from train.official import load_official
+from torch_reference import greedy
 
 PROMPT = "Describe the audio."
 GREEDY_STEPS = 8
@@ -95,18 +96,6 @@ def export_f32(files: OfficialFiles, out):
     return out
 
 
-def greedy(model, embeds: torch.Tensor) -> tuple[list[int], list[float]]:
-    """HF greedy decoding from input embeddings over the full vocabulary (nothing suppressed)."""
-    tokens, gaps = [], []
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            top = torch.topk(model.llama_model(inputs_embeds=embeds).logits[0, -1], 2)
-            tokens.append(int(top.indices[0]))
-            gaps.append(float(top.values[0] - top.values[1]))
-            embeds = torch.cat([embeds, model.embed_ids([tokens[-1]])], dim=1)
-    return tokens, gaps
-
-
 def reference_for_clip(model, config, path, prompt_ids, encoder: AudioEncoder, llm: LlamaModel) -> ClipReference:
     wave = official_wave(path)
     extractor = WhisperFeatureExtractor(feature_size=config.whisper.n_mels)
@@ -117,7 +106,7 @@ def reference_for_clip(model, config, path, prompt_ids, encoder: AudioEncoder, l
         audio_embeds = model.encode_audio(torch.from_numpy(mel), torch.from_numpy(fbank))
         embeds = model.llm_input_embeds(audio_embeds, *prompt_ids)
         last_logits = model.llama_model(inputs_embeds=embeds).logits[0, -1].numpy()
-    tokens, gaps = greedy(model, embeds)
+    tokens, gaps, _ = greedy(model, embeds, GREEDY_STEPS)
     onnx_embeds = encoder(mel[0], fbank[0])
     llm.reset()
     llm_logits = llm.decode_embeddings(embeds[0].numpy())

@@ -37,6 +37,7 @@ from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import LlamaModel
 from salmonn_cli.prompt import build_prompt, prompt_segments, prompt_token_ids
 from train.data import Tokenizer
+from torch_reference import greedy
 
 PROMPT = "Describe the audio."
 CLIP = AUDIO / "excitement.wav"
@@ -255,22 +256,6 @@ def randomise_trainables(model, rand: Randomiser) -> None:
                 param.copy_(rand.normal(param, 0.05))
 
 
-def greedy(model, embeds: torch.Tensor) -> tuple[list[int], list[float], np.ndarray]:
-    """HF greedy decoding over the full vocabulary, with a KV cache; also the prompt's last logits."""
-    tokens, gaps = [], []
-    with torch.no_grad():
-        out = model.llama_model(inputs_embeds=embeds, use_cache=True)
-        first_logits = out.logits[0, -1].numpy().copy()
-        for step in range(GREEDY_STEPS):
-            top = torch.topk(out.logits[0, -1], 2)
-            tokens.append(int(top.indices[0]))
-            gaps.append(float(top.values[0] - top.values[1]))
-            if step + 1 < GREEDY_STEPS:
-                out = model.llama_model(inputs_embeds=model.embed_ids([tokens[-1]]),
-                                        past_key_values=out.past_key_values, use_cache=True)
-    return tokens, gaps, first_logits
-
-
 def last_logits(model, embeds: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return model.llama_model(inputs_embeds=embeds).logits[0, -1].numpy()
@@ -308,7 +293,7 @@ def smol_salmonn(smollm_dir, tmp_path_factory) -> SmolSalmonn:
     with torch.no_grad():
         audio = model.encode_audio(torch.from_numpy(mel), torch.from_numpy(fbank))
         embeds = model.llm_input_embeds(audio, *prompt_ids)
-    tokens, gaps, last = greedy(model, embeds)
+    tokens, gaps, last = greedy(model, embeds, GREEDY_STEPS)
     start = embeds[:, :LORA_CHECK_POSITIONS]
     with_lora = last_logits(model, start)
     model.lora_scale = 0.0

