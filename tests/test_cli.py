@@ -66,12 +66,17 @@ def test_ask_streams_text_and_reads_model_from_env(model_f32):
     assert "only the first 30.0 s are used" in r.stderr
 
 
-def test_runtime_never_imports_torch(model_f32):
+@pytest.mark.parametrize("command", [
+    ["ask", "WAV", "Hi", "--max-tokens", "2"],
+    ["transcribe", "WAV", "--max-tokens", "2", "--format", "srt"],
+    ["listen", "--input", "WAV", "--speed", "0", "--max-tokens", "2"],
+])
+def test_runtime_never_imports_torch(model_f32, command):
+    argv = [str(OFFICIAL_TINY / "speech_2p5s.wav") if a == "WAV" else a for a in command]
     code = (
         "import sys\n"
         "from salmonn_cli.cli import main\n"
-        f"sys.argv = ['salmonn', 'ask', {str(OFFICIAL_TINY / 'speech_2p5s.wav')!r}, 'Hi', '--model', "
-        f"{str(model_f32)!r}, '--max-tokens', '2', '--threads', '1']\n"
+        f"sys.argv = ['salmonn', *{argv!r}, '--model', {str(model_f32)!r}, '--threads', '1']\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft'))\n"
         "print('HEAVY', bad)\n"
