@@ -6,8 +6,9 @@ SHARED ?= ../shared
 DEMO_MODEL ?= models/official-tiny-f32
 
 # Debian packages: PortAudio for `listen` (sounddevice); espeak-ng and flite speak test and training
-# sentences; the freedesktop sound theme holds event sounds for the salmonn-nano training data.
-APT_PACKAGES := libportaudio2 espeak-ng flite sound-theme-freedesktop
+# sentences; the freedesktop sound theme holds event sounds for the salmonn-nano training data;
+# alsa-utils ships the spoken clips the nano report answers on.
+APT_PACKAGES := libportaudio2 espeak-ng flite sound-theme-freedesktop alsa-utils
 
 .PHONY: setup system-deps demo test clean
 

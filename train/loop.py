@@ -17,7 +17,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from salmonn_cli.config import SalmonnConfig
+from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
 from train.loss import TrainingModel
@@ -37,6 +38,8 @@ from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfi
 CHECKPOINT_NAME = "last.pth"
 BEST_NAME = "best.pth"
 LOG_NAME = "log.jsonl"
+# with [model] train_beats: the trained BEATs of last.pth / best.pth (official BEATs .pt)
+BEATS_NAMES = {CHECKPOINT_NAME: "last_beats.pt", BEST_NAME: "best_beats.pt"}
 # official optimizer groups: no decay for < 2-D tensors and names containing any of these
 NO_DECAY_NAME_PARTS = ("bias", "ln", "bn")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -137,7 +140,16 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
     for module in model.speech_Qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = m.qformer_dropout
+    if m.train_beats:
+        model.beats.requires_grad_(True)
     return model, config
+
+
+def save_beats(beats: torch.nn.Module, path: Path) -> Path:
+    """A (trained) BEATs as an official BEATs checkpoint {'cfg', 'model'}, atomically."""
+    state = {k: v.detach().cpu().clone() for k, v in beats.state_dict().items()}
+    atomic_save({"cfg": asdict(beats.dims), "model": state}, path)
+    return path
 
 
 def checkpoint_model_config(config: SalmonnConfig, m: ModelSection) -> dict:
@@ -329,6 +341,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             raise ConfigError(f"{last_path} was written with global batch {saved['global_batch']} and seed "
                               f"{saved['seed']}; this config has {plan.global_batch} and {r.seed}")
         apply_checkpoint_state(model, ckpt["model"], source=str(last_path))
+        if m.train_beats:
+            beats_path = out_dir / BEATS_NAMES[CHECKPOINT_NAME]
+            beats_state = torch.load(beats_path, map_location="cpu", weights_only=True)["model"]
+            load_beats_state_dict(model.beats, beats_state, source=str(beats_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -342,16 +358,20 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     else:
         torch.manual_seed(r.seed + d.rank)
 
-    def exportable() -> dict:
-        """What `salmonn export --checkpoint` reads: trained tensors and the model config."""
+    def exportable(name: str) -> dict:
+        """What `salmonn export --checkpoint` reads: trained tensors and the model config. A trained
+        BEATs is written beside the checkpoint first and named by its `beats_path`."""
+        model_config = checkpoint_model_config(config, m)
+        if m.train_beats:
+            model_config["beats_path"] = str(save_beats(model.beats, out_dir / BEATS_NAMES[name]).resolve())
         return {"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
-                "config": {"model": checkpoint_model_config(config, m), "run": cfg.to_dict()}}
+                "config": {"model": model_config, "run": cfg.to_dict()}}
 
     def save(step: int) -> None:
         states = gather_rng_states(d)
         if d.is_main:
             atomic_save({
-                **exportable(),
+                **exportable(CHECKPOINT_NAME),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -416,7 +436,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
                 if best_accuracy is None or metrics["accuracy"] > best_accuracy:
                     best_accuracy = metrics["accuracy"]
                     if d.is_main:
-                        atomic_save({**exportable(), "step": done, "valid": metrics}, out_dir / BEST_NAME)
+                        atomic_save({**exportable(BEST_NAME), "step": done, "valid": metrics}, out_dir / BEST_NAME)
             if done % r.save_every == 0 or done == o.max_steps:
                 save(done)
     finally:

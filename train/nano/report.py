@@ -1,0 +1,153 @@
+"""Evaluate an exported salmonn-nano model with the runtime (`salmonn ask`, torch-free) and write a report.
+
+    python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N]
+
+Scores the held-out `test.json` (WER on the held-out voice, sound-event accuracy; train/nano/evaluate.py)
+and prints the answers on the real clips (../shared/fixtures/audio, /usr/share/sounds/alsa) verbatim.
+With `--run` the training log's summary (steps, losses, seconds per step) is included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from train.nano.evaluate import read_entries, score
+
+SPEECH_PREFIX = "<Speech><SpeechHere></Speech>"
+REAL_CLIP_DIRS = (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "audio",
+                  Path("/usr/share/sounds/alsa"))
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg")
+REAL_CLIP_PROMPTS = ("Please describe the audio.", "Recognize the speech and give me the transcription.")
+MAX_ANSWER_TOKENS = 64
+MAX_FILES_PER_CALL = 200
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def task_instruction(entry: dict, prompts: dict[str, list[str]]) -> str:
+    """What `salmonn ask` is asked for an entry: its question, else the task's first training prompt."""
+    if entry.get("Q"):
+        return entry["Q"]
+    template = prompts[entry.get("task", "asr")][0]
+    return template.replace(SPEECH_PREFIX, "").replace("{}", "").strip()
+
+
+def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = None) -> list[str]:
+    """Answers of `salmonn ask --jsonl` for `files` (in order), one model load per call."""
+    answers: list[str] = []
+    for start in range(0, len(files), MAX_FILES_PER_CALL):
+        chunk = files[start:start + MAX_FILES_PER_CALL]
+        command = [sys.executable, "-m", "salmonn_cli", "ask", "--model", str(model_dir), "--jsonl",
+                   "--max-tokens", str(MAX_ANSWER_TOKENS), *(["--threads", str(threads)] if threads else []),
+                   "-p", prompt, *map(str, chunk)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if len(lines) != len(chunk):
+            raise ReportError(f"salmonn ask gave {len(lines)} answers for {len(chunk)} files: "
+                              f"{done.stderr.strip()[-500:]}")
+        answers += [line.get("text", f"[error: {line.get('error')}]") for line in lines]
+    return answers
+
+
+def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads: int | None) -> list[str]:
+    prompts = json.loads((data_dir / "prompts.json").read_text(encoding="utf-8"))
+    by_prompt: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        by_prompt.setdefault(task_instruction(entry, prompts), []).append(i)
+    answers = [""] * len(entries)
+    for prompt, rows in by_prompt.items():
+        for row, answer in zip(rows, ask(model_dir, [data_dir / entries[r]["path"] for r in rows], prompt, threads)):
+            answers[row] = answer
+    return answers
+
+
+def real_clips() -> list[Path]:
+    return [path for folder in REAL_CLIP_DIRS if folder.is_dir()
+            for path in sorted(folder.iterdir()) if path.suffix.lower() in AUDIO_SUFFIXES]
+
+
+def training_summary(run_dir: Path) -> list[str]:
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("split") == "train"]
+    valid = [r for r in records if r.get("split") == "valid"]
+    if not train:
+        return []
+    seconds = sum(r["seconds"] for r in train)
+    lines = ["## Training", "",
+             f"- steps: {train[-1]['step']}, {seconds / 60:.1f} min of steps, {seconds / len(train):.2f} s/step, "
+             f"{sum(r['tokens_per_s'] for r in train) / len(train):.0f} LLM tokens/s",
+             f"- train loss: first 10 steps {_mean(train[:10], 'loss'):.3f}, last 10 steps {_mean(train[-10:], 'loss'):.3f}"]
+    lines += [f"- valid at step {r['step']}: loss {r['loss']:.3f}, token accuracy {r['accuracy']:.3f}" for r in valid]
+    return lines + [""]
+
+
+def _mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / max(len(records), 1)
+
+
+def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
+                 limit: int | None = None, threads: int | None = None) -> Path:
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    entries = read_entries(data_dir / "test.json")
+    if limit:
+        entries = entries[:limit]
+    started = time.perf_counter()
+    answers = answer_entries(model_dir, data_dir, entries, threads)
+    scores = score(entries, answers)
+    lines = ["# salmonn-nano evaluation", "",
+             f"Model `{model_dir}`, held-out set `{data_dir / 'test.json'}` ({len(entries)} entries), "
+             f"`salmonn ask` greedy, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
+             "## Held-out scores", ""]
+    for key in ("wer", "wer_clean", "wer_mix"):
+        if key in scores:
+            lines.append(f"- {key}: {scores[key] * 100:.1f} % ({scores['n_' + key]} clips, held-out voice)")
+    if "event_accuracy" in scores:
+        lines.append(f"- sound-event accuracy: {scores['event_accuracy'] * 100:.1f} % ({scores['n_event']} questions)")
+    lines += [""] + (training_summary(Path(run_dir)) if run_dir else [])
+    lines += ["## Held-out examples", ""]
+    for entry, answer in list(zip(entries, answers))[:12]:
+        lines.append(f"- `{entry['path']}` ({entry.get('task')}{': ' + entry['Q'] if entry.get('Q') else ''}) "
+                     f"expected {entry['text']!r} -> {answer!r}")
+    clips = real_clips()
+    if clips:
+        lines += ["", "## Real clips (verbatim)", ""]
+        for prompt in REAL_CLIP_PROMPTS:
+            lines += [f"### {prompt}", ""]
+            for clip, answer in zip(clips, ask(model_dir, clips, prompt, threads)):
+                lines.append(f"- `{clip.name}`: {answer!r}")
+            lines.append("")
+    text = "\n".join(lines).rstrip() + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    print(text)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.nano.report", description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("train/nano/REPORT.md"))
+    parser.add_argument("--run", type=Path, default=None, help="training run folder (log.jsonl)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test entries")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads)
+    except ReportError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
