@@ -43,16 +43,6 @@ class RuntimeOptions:
 
 
 @dataclass
-class AudioInput:
-    path: str
-    seconds: float            # length of the file's audio
-    truncated: bool           # longer than the model's window; only the start was used
-    embeds: np.ndarray        # (n_audio_tokens, llm_hidden)
-    load_s: float             # reading + resampling
-    encode_s: float           # features + ONNX encoder
-
-
-@dataclass
 class Answer:
     text: str
     tokens: list[int]
@@ -147,16 +137,6 @@ class Pipeline:
         self.close()
 
     # --- audio -----------------------------------------------------------------------------
-    def embed_audio(self, path: str) -> AudioInput:
-        """Read a file and encode its first `max_seconds` (the official behaviour)."""
-        t0 = time.perf_counter()
-        wave = audio.load_audio(path, self.config.sample_rate)
-        load_s = time.perf_counter() - t0
-        seconds = len(wave) / self.config.sample_rate
-        truncated = seconds > self.config.max_seconds
-        embeds, encode_s = self.embed_wave(wave)
-        return AudioInput(str(path), seconds, truncated, embeds, load_s, encode_s)
-
     def embed_wave(self, wave: np.ndarray) -> tuple[np.ndarray, float]:
         """16 kHz mono samples (at most `max_seconds` are used) -> ((n_audio_tokens, llm_hidden), seconds taken).
 

@@ -15,6 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutput
 
+from salmonn_cli.ask import embed_file
 from salmonn_cli.decoding import BeamSearchDecoder, DecodingOptions, beam_search
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.llm import BeamSequences, LlamaModel
@@ -153,7 +154,7 @@ def pipeline(model_f32):
 
 @pytest.fixture(scope="module")
 def embeds(pipeline):
-    return {name: pipeline.embed_audio(str(OFFICIAL_TINY / wav)).embeds
+    return {name: embed_file(pipeline, str(OFFICIAL_TINY / wav), truncate=True).embeds
             for name, wav in REFERENCE_INPUTS.items()}
 
 
