@@ -117,12 +117,6 @@ class Pipeline:
         """Audio embeddings that fit in the context beside the prompt and the answer."""
         return self.llm.n_ctx - 1 - self.answer_room
 
-    @property
-    def max_audio_windows(self) -> int:
-        """How many full (`max_seconds`) windows' embeddings fit in the context; with
-        `trim_windows` a shorter window takes fewer tokens (`audio_tokens`)."""
-        return max(1, self.audio_token_room // self.config.n_audio_tokens)
-
     def audio_tokens(self, n_samples: int) -> int:
         """Audio embeddings `embed_wave` returns for `n_samples` of 16 kHz audio."""
         return audio_token_count(self.config, clip_fbank_frames(self.config, n_samples))
