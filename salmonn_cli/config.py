@@ -135,6 +135,10 @@ class SalmonnConfig:
     # Not official: keep only the windows that cover the clip instead of always padding to
     # max_seconds (formula in salmonn_cli/trim.py). False = the official behaviour.
     trim_windows: bool = False
+    # Not official: every audio token is rescaled after the projection to this root-mean-square
+    # (salmonn-nano: the RMS of its LLM's token embeddings, so that the audio cannot grow into a
+    # huge-norm token the LLM learns to ignore). None = the official unscaled projection.
+    audio_token_rms: float | None = None
     # Prompt: `prompt_template` wraps the instruction; `speech_tag` is the instruction's audio part,
     # and `audio_placeholder` marks where the audio embeddings go.
     prompt_template: str = VICUNA_PROMPT_TEMPLATE

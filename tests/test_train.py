@@ -32,8 +32,8 @@ from salmonn_cli.config import tiny
 from train import loop
 from train.data import (IGNORE_INDEX, Batch, DataError, Sample, SampleStream, StepPlan, check_tasks,
                         choose_prompt, load_wave, read_annotations, read_prompts)
-from train.loop import lr_at, param_groups
-from train.loss import assemble_inputs, encode_batch, shifted_loss_sums
+from train.loop import WarmupCosineSchedule, lr_at, param_groups
+from train.loss import assemble_inputs, encode_batch, shifted_loss_sums, swap_audio
 from train.run_config import ConfigError, OptimSection, TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,6 +313,35 @@ def test_weight_decay_groups(tiny_model):
     assert {"ln_speech.weight", "ln_speech.bias", "ln_audio.weight", "speech_llama_proj.bias",
             "speech_Qformer.bert.embeddings.LayerNorm.weight"} <= kept
     assert all(n.endswith("bias") or "LayerNorm" in n or n.startswith(("ln_speech", "ln_audio")) for n in kept)
+
+
+def test_lora_groups_scale_and_start_step(tiny_model):
+    model, _ = tiny_model
+    groups = param_groups(model, 0.05, lora_lr_scale=0.25, split_lora=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        is_lora = {(".lora_A." in names[id(p)] or ".lora_B." in names[id(p)]) for p in group["params"]}
+        assert is_lora == {group["lora"]}
+        assert group["lr_scale"] == (0.25 if group["lora"] else 1.0)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    o = OptimSection(init_lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=100, lora_start_step=10)
+    optimizer = torch.optim.AdamW(groups, lr=o.init_lr)
+    schedule = WarmupCosineSchedule(optimizer, o)
+    schedule.set(9)
+    assert {g["lr"] for g in optimizer.param_groups if g["lora"]} == {0.0}
+    assert {g["lr"] for g in optimizer.param_groups if not g["lora"]} == {lr_at(9, o)}
+    schedule.set(10)
+    assert [g["lr"] for g in optimizer.param_groups if g["lora"]] == pytest.approx([0.25 * lr_at(10, o)] * 2)
+    # the official default: the two weight-decay groups only
+    assert [g["lora"] for g in param_groups(model, 0.05)] == [False, False]
+
+
+def test_swap_audio_gives_each_sample_the_next_ones_tokens():
+    audio = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2) + 1
+    swapped = swap_audio(audio, [2, 4, 3])
+    assert torch.equal(swapped[0, :2], audio[1, :2]) and not swapped[0, 2:].any()
+    assert torch.equal(swapped[1, :3], audio[2, :3]) and not swapped[1, 3:].any()
+    assert torch.equal(swapped[2, :2], audio[0, :2]) and not swapped[2, 2:].any()
 
 
 def test_schedule_values():

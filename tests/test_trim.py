@@ -42,6 +42,7 @@ GREEDY_STEPS = 8
 PROMPT = "Describe the audio."
 RATE = 16000
 ONNX_LENGTHS_S = (0.3, 1.0, 3.2, 17.0, 29.9, 30.0)
+AUDIO_TOKEN_RMS = 0.5        # any fixed value: the exported graph must rescale exactly as PyTorch does
 # official geometry (17-frame windows, 50 frames/s): seconds -> windows kept
 OFFICIAL_WINDOWS = {0.3: 3, 1.0: 3, 3.0: 9, 3.2: 10, 29.9: 88, 30.0: 88}
 ASK_CLIPS = {"excitement": AUDIO / "excitement.wav", "speech": OFFICIAL_TINY / "speech_2p5s.wav"}
@@ -224,12 +225,14 @@ class TrimmedModel:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """An official-format model whose checkpoint asks for trimmed windows, exported by `salmonn export`."""
+    """An official-format model whose checkpoint asks for trimmed windows and audio tokens rescaled to a
+    fixed RMS (the two non-official settings salmonn-nano trains with), exported by `salmonn export`."""
     root = tmp_path_factory.mktemp("trimmed")
     files = build_official_model(root / "official", OtherShapes(), OFFICIAL_TINY / "vicuna", seed=3,
                                  old_lora_keys=False)
     ckpt = torch.load(files.ckpt, map_location="cpu", weights_only=True)
     ckpt["config"]["model"]["trim_windows"] = True
+    ckpt["config"]["model"]["audio_token_rms"] = AUDIO_TOKEN_RMS
     torch.save(ckpt, files.ckpt)
     out = root / "model-f32"
     r = salmonn("export", "--official-ckpt", files.ckpt, "--whisper", files.whisper, "--beats", files.beats,
@@ -246,6 +249,15 @@ def test_export_manifest_carries_the_setting(exported):
     assert exported.config.trim_windows
     manifest = json.loads((exported.model_dir / "salmonn.json").read_text())
     assert manifest["config"]["trim_windows"] is True
+    assert manifest["config"]["audio_token_rms"] == AUDIO_TOKEN_RMS
+
+
+def test_audio_tokens_have_the_configured_rms(exported):
+    mel, fbank = runtime_features(random_clip(2.0, seed=5), exported.config)
+    with torch.no_grad():
+        tokens = exported.model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0]
+    rms = tokens.pow(2).mean(dim=-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, AUDIO_TOKEN_RMS), atol=1e-6)
 
 
 @pytest.mark.parametrize("seconds", ONNX_LENGTHS_S)

@@ -31,7 +31,7 @@ from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
 from train.loss import TrainingModel
-from train.model import Salmonn
+from train.model import LORA_NAME_PARTS, Salmonn
 from train.official import apply_checkpoint_state, build_from_parts, load_official, official_model_config
 from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfig
 
@@ -88,13 +88,20 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The official two AdamW groups over the trainable parameters."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lora_lr_scale: float = 1.0,
+                 split_lora: bool = False) -> list[dict]:
+    """The official two AdamW groups (weight decay or not) over the trainable parameters. With
+    `lora_lr_scale` != 1 or `split_lora` each is split into connector and LoRA parts, marked
+    `lora` and with the LoRA part's learning rate scaled by `lr_scale` (WarmupCosineSchedule)."""
+    split = split_lora or lora_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            lora = split and any(part in name for part in LORA_NAME_PARTS)
+            groups.setdefault((decays(name, param), lora), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": lora_lr_scale if lora else 1.0, "lora": lora}
+            for (decay, lora), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
 def lr_at(step: int, o: OptimSection) -> float:
@@ -111,8 +118,9 @@ class WarmupCosineSchedule:
 
     def set(self, step: int) -> float:
         lr = lr_at(step, self.optim)
+        lora_frozen = step < self.optim.lora_start_step
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = 0.0 if lora_frozen and group.get("lora") else lr * group.get("lr_scale", 1.0)
         self.step = step
         return lr
 
@@ -136,7 +144,8 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
                                          second_per_window=m.second_per_window, second_stride=m.second_stride,
                                          prompt_template=m.prompt_template,
                                          prompt_special_tokens=m.prompt_special_tokens,
-                                         trim_windows=m.trim_windows)
+                                         trim_windows=m.trim_windows,
+                                         normalize_audio_tokens=m.normalize_audio_tokens)
     for module in model.speech_Qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = m.qformer_dropout
@@ -253,20 +262,26 @@ def progress_bar(enabled: bool, total: int, done: int):
 
 def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDataset, d: Dist, batch_size: int,
              num_workers: int, autocast) -> dict:
-    """Teacher-forced loss and next-token accuracy over the answer tokens of the whole set."""
+    """Teacher-forced loss and next-token accuracy over the answer tokens of the whole set, and
+    `audio_gain`: the loss with each batch's audio given to the wrong samples minus the real loss
+    (near 0 means the answers do not depend on the audio: a collapsed connector)."""
     keys = validation_keys(len(dataset), d.rank, d.world_size, batch_size)
     loader = DataLoader(dataset, batch_sampler=keys, collate_fn=collate, num_workers=num_workers,
                         generator=torch.Generator())
-    ce, n, correct = 0.0, 0.0, 0.0
+    ce, n, correct, swapped_ce = 0.0, 0.0, 0.0, 0.0
     net.eval()
     with torch.no_grad():
         for batch in loader:
+            batch = batch.to(d.device)
             with autocast():
-                batch_ce, batch_n, batch_correct = trainer(batch.to(d.device))
+                batch_ce, batch_n, batch_correct = trainer(batch)
+                batch_swapped_ce = trainer(batch, swapped_audio=True)[0] if len(batch) > 1 else batch_ce
             ce, n, correct = ce + float(batch_ce), n + float(batch_n), correct + float(batch_correct)
+            swapped_ce += float(batch_swapped_ce)
     net.train()
-    ce, n, correct = d.sum(ce, n, correct)
-    return {"loss": ce / max(n, 1.0), "accuracy": correct / max(n, 1.0), "tokens": int(n)}
+    ce, n, correct, swapped_ce = d.sum(ce, n, correct, swapped_ce)
+    n = max(n, 1.0)
+    return {"loss": ce / n, "accuracy": correct / n, "audio_gain": (swapped_ce - ce) / n, "tokens": int(n)}
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -322,7 +337,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
         net = DistributedDataParallel(trainer, device_ids=[d.device.index] if cuda else None,
                                       broadcast_buffers=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.init_lr, betas=(o.beta1, o.beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lora_lr_scale, o.lora_start_step > 0),
+                                  lr=o.init_lr, betas=(o.beta1, o.beta2))
     schedule = WarmupCosineSchedule(optimizer, o)
     amp_dtype = AMP_DTYPES.get(r.amp) if cuda else None
 

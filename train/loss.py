@@ -27,7 +27,7 @@ from torch import nn
 
 from salmonn_cli.trim import audio_token_count, mel_frame_count
 from train.data import IGNORE_INDEX, Batch
-from train.model import Salmonn, cut_windows, pad_time
+from train.model import Salmonn, cut_windows, pad_time, project_audio_tokens
 
 
 def beats_grad(model: Salmonn):
@@ -58,7 +58,8 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) 
     b, n_windows, kernel, width = windows.shape
     windows = windows.reshape(b * n_windows, kernel, width)
     queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
-    tokens = model.speech_llama_proj(model.speech_Qformer(queries, windows))
+    tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
+                                  model.config.audio_token_rms)
     return tokens.reshape(b, -1, tokens.shape[-1])
 
 
@@ -84,7 +85,8 @@ def encode_trimmed_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.T
     counts = [w.shape[0] for w in windows]
     windows = torch.cat(windows)
     queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
-    tokens = model.speech_llama_proj(model.speech_Qformer(queries, windows))
+    tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
+                                  model.config.audio_token_rms)
     per_clip = [t.reshape(-1, t.shape[-1]) for t in tokens.split(counts)]
     longest = max(t.shape[0] for t in per_clip)
     return torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t in per_clip])
@@ -137,14 +139,33 @@ def shifted_loss_sums(model: Salmonn, inputs_embeds: torch.Tensor, attention_mas
     return ce_sum, predicts.sum(), correct
 
 
+def swap_audio(audio_embeds: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Give sample i the audio tokens of sample i + 1 (cut or zero-padded to its own count).
+
+    The loss on swapped audio minus the real loss says how much the model uses the audio: about 0
+    when the connector has collapsed and the LLM answers from the prompt alone.
+    """
+    swapped = torch.zeros_like(audio_embeds)
+    for i, count in enumerate(counts):
+        j = (i + 1) % len(counts)
+        keep = min(count, counts[j])
+        swapped[i, :keep] = audio_embeds[j, :keep]
+    return swapped
+
+
 class TrainingModel(nn.Module):
-    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct)."""
+    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct).
+
+    `swapped_audio=True` (validation only) pairs each answer with another sample's audio.
+    """
 
     def __init__(self, model: Salmonn):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, swapped_audio: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         audio_embeds = encode_batch(self.model, batch.mel, batch.fbanks)
+        if swapped_audio:
+            audio_embeds = swap_audio(audio_embeds, audio_token_counts(self.model, audio_embeds, batch))
         inputs, mask, labels = assemble_inputs(self.model, audio_embeds, batch)
         return shifted_loss_sums(self.model, inputs, mask, labels)

@@ -30,6 +30,7 @@ TRAINABLE_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_pr
 LORA_NAME_PARTS = (".lora_A.", ".lora_B.")
 LN_SPEECH_EPS = 1e-5           # nn.LayerNorm default, as in the official code (both LNs)
 QUERY_TOKEN_INIT_STD = 0.02
+AUDIO_TOKEN_RMS_EPS = 1e-6     # inside the square root of `audio_token_rms` scaling
 
 
 # --- LLM -----------------------------------------------------------------------------------------
@@ -117,6 +118,14 @@ def cut_windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     return x[:, index]
 
 
+def project_audio_tokens(projection: nn.Linear, queries: torch.Tensor, rms: float | None) -> torch.Tensor:
+    """`speech_llama_proj`, then (with `config.audio_token_rms`) each token scaled to that RMS."""
+    tokens = projection(queries)
+    if rms is None:
+        return tokens
+    return tokens * (rms * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + AUDIO_TOKEN_RMS_EPS))
+
+
 class AudioEncoder(nn.Module):
     """(mel, fbank) -> LLM-space audio embeddings, holding the very submodules of a `Salmonn`.
 
@@ -137,6 +146,7 @@ class AudioEncoder(nn.Module):
         self.window_frames = model.config.window_frames
         self.stride_frames = model.config.stride_frames
         self.trim_windows = model.config.trim_windows
+        self.audio_token_rms = model.config.audio_token_rms
 
     def whisper(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, M) -> Whisper's last hidden state (B, M / 2, whisper_d)."""
@@ -167,10 +177,14 @@ class AudioEncoder(nn.Module):
         queries = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
         return self.speech_Qformer(queries, windows)
 
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
+        """Q-Former output (..., qformer_hidden) -> LLM-space tokens (..., llm_hidden)."""
+        return project_audio_tokens(self.speech_llama_proj, queries, self.audio_token_rms)
+
     def embed(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, 3000), (B, F, 128) -> (B, L * Q, llm_hidden)."""
         batch = mel.shape[0]
-        tokens = self.speech_llama_proj(self.qformer(self.fuse(mel, fbank)))
+        tokens = self.project(self.qformer(self.fuse(mel, fbank)))
         return tokens.reshape(batch, -1, tokens.shape[-1])
 
     def forward(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:

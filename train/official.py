@@ -42,6 +42,12 @@ QFORMER_HEADS_KEY = "qformer_heads"
 PROMPT_SPECIAL_TOKENS_KEY = "prompt_special_tokens"
 # Not an official key: the model was trained with its windows trimmed to the clip (salmonn_cli/trim.py).
 TRIM_WINDOWS_KEY = "trim_windows"
+# Not an official key: audio tokens are rescaled to this RMS after the projection (SalmonnConfig).
+AUDIO_TOKEN_RMS_KEY = "audio_token_rms"
+
+
+def optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -137,6 +143,7 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
         prompt_template=str(model_cfg.get("prompt_template", defaults.prompt_template)),
         prompt_special_tokens=bool(model_cfg.get(PROMPT_SPECIAL_TOKENS_KEY, defaults.prompt_special_tokens)),
         trim_windows=bool(model_cfg.get(TRIM_WINDOWS_KEY, defaults.trim_windows)),
+        audio_token_rms=optional_float(model_cfg.get(AUDIO_TOKEN_RMS_KEY, defaults.audio_token_rms)),
     )
     n_query = model_cfg.get("num_speech_query_token")
     if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
@@ -221,6 +228,7 @@ def official_model_config(config: SalmonnConfig) -> dict:
         "prompt_template": config.prompt_template,
         PROMPT_SPECIAL_TOKENS_KEY: config.prompt_special_tokens,
         TRIM_WINDOWS_KEY: config.trim_windows,
+        AUDIO_TOKEN_RMS_KEY: config.audio_token_rms,
         QFORMER_HEADS_KEY: config.qformer.n_heads,
     }
 
@@ -237,9 +245,12 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
                      lora: LoraDims, second_per_window: float | None = None,
                      second_stride: float | None = None,
                      prompt_template: str | None = None, prompt_special_tokens: bool = False,
-                     trim_windows: bool = False) -> tuple[Salmonn, SalmonnConfig]:
+                     trim_windows: bool = False,
+                     normalize_audio_tokens: bool = False) -> tuple[Salmonn, SalmonnConfig]:
     """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
-    trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode."""
+    trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode.
+
+    `normalize_audio_tokens` sets `config.audio_token_rms` to the RMS of the LLM's input embeddings."""
     whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
     beats = load_beats(beats_path)
     llm_dims = read_llm_dims(llm_dir)
@@ -253,5 +264,8 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         trim_windows=trim_windows,
     )
     llm = build_llama(llm_dims, read_llm_weights(llm_dir))
+    if normalize_audio_tokens:
+        embeddings = llm.get_input_embeddings().weight.detach().float()
+        config.audio_token_rms = round(float(embeddings.pow(2).mean().sqrt()), 6)
     model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
     return model.float().eval(), config

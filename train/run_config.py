@@ -46,6 +46,9 @@ class ModelSection:
     prompt_special_tokens: bool = False
     # keep only the windows that cover the clip (salmonn_cli/trim.py); False = official 88 windows
     trim_windows: bool = False
+    # rescale each audio token to the RMS of the LLM's token embeddings (SalmonnConfig.audio_token_rms);
+    # False = the official unscaled projection
+    normalize_audio_tokens: bool = False
     # train BEATs with the connector (salmonn-nano's BEATs starts random); its weights are saved as an
     # official BEATs .pt beside each checkpoint, which that checkpoint's `beats_path` names
     train_beats: bool = False
@@ -79,6 +82,10 @@ class OptimSection:
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 0.0          # max global grad norm; 0 = no clipping (official)
+    lora_lr_scale: float = 1.0      # LoRA lr = schedule x this (connector: the schedule); 1 = official
+    # LoRA frozen (lr 0) for the first N steps, so that the connector learns to carry the audio before
+    # the LLM can learn to answer from the prompt alone; 0 = official (all train from the start)
+    lora_start_step: int = 0
     batch_size: int = 8             # samples per process per micro-step
     accum_steps: int = 1            # micro-steps per optimizer step
 
