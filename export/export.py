@@ -11,6 +11,7 @@ place at the very end: an interrupted or failed export leaves no model directory
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import time
@@ -53,10 +54,7 @@ def checkpoint_sources(ckpt_path: Path) -> dict:
 def staging_dir(out: Path):
     """A temporary directory beside `out`, removed unless the body renames it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_leftovers(out, "partial")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -64,6 +62,15 @@ def staging_dir(out: Path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_leftovers(out: Path, kind: str) -> None:
+    """Hidden `.partial-PID` (staging) or `.old-PID` (replaced by --force) directories of `out`
+    that an export killed half way (SIGKILL, power loss) left behind, once their process is gone."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,6 +93,8 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+    # a killed --force export may have left the previous model aside; `out` is complete again now
+    remove_stale_leftovers(out, "old")
 
 
 def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,

@@ -6,7 +6,6 @@ context leaves room for; `truncate=True` keeps the official behaviour (the first
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from salmonn_cli.audio import MemoryAudio
 from salmonn_cli.errors import AudioError
 from salmonn_cli.pipeline import Pipeline
 from salmonn_cli.windows import AudioWindow, audio_duration, iter_windows
@@ -40,9 +40,7 @@ def open_source(name: str) -> str | BinaryIO:
     data = sys.stdin.buffer.read()
     if not data:
         raise AudioError("no audio on standard input")
-    stream = io.BytesIO(data)
-    stream.name = "<stdin>"
-    return stream
+    return MemoryAudio(data, "<stdin>")
 
 
 def file_windows(pipeline: Pipeline, source: str | BinaryIO, truncate: bool) -> Iterator[AudioWindow]:

@@ -6,14 +6,18 @@ downmix), pad to 1 s, truncate to 30 s. Unlike the official code, other sample r
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile
 import soxr
 
-from salmonn_cli.errors import AudioError
+from salmonn_cli.errors import DEBUG_ENV, AudioError
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -22,10 +26,17 @@ CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a 30 s chunk
 RESAMPLE_QUALITY = "VHQ"
 KEPT_CHANNEL = 0  # the official code keeps the first channel of a multi-channel file
+# Rates outside this range come from damaged headers, not recordings; they would also resample a
+# few bytes into nothing, or into gigabytes.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 768000
 
 # soundfile reports undecodable input as LibsndfileError (a RuntimeError); mp3/ogg decoders can
 # also surface as other errors, so every one of these becomes an AudioError.
 READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError)
+# libsndfile's reason for an MP3 stream its decoder cannot parse, even when the path is a regular file.
+MISLEADING_MPEG_REASON = "does not exist or is not a regular file"
+DAMAGED_REASON = "damaged or cut-short audio data"
 
 
 def check_path(path: str | os.PathLike) -> Path:
@@ -34,13 +45,75 @@ def check_path(path: str | os.PathLike) -> Path:
         raise AudioError(f"audio file not found: {p}")
     if p.is_dir():
         raise AudioError(f"audio path is a directory, not a file: {p}")
+    try:
+        # libsndfile reports a permission problem as a bare "System error"
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise AudioError(f"cannot read audio file {p}: {e.strerror or e}") from None
     return p
 
 
 def read_error_reason(error: Exception) -> str:
     # LibsndfileError.error_string is libsndfile's own text, without the "Error opening '<path>'" prefix
     text = getattr(error, "error_string", None) or str(error) or type(error).__name__
+    if MISLEADING_MPEG_REASON in text:   # callers have checked that the file exists
+        return DAMAGED_REASON
     return text.splitlines()[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration: libsndfile's MP3 decoder (libmpg123)
+    prints its own warnings for damaged streams, beside the one-line error the reader raises.
+    With $SALMONN_DEBUG set they are kept."""
+    if os.environ.get(DEBUG_ENV):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no stderr to protect
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()      # what Python wrote meanwhile goes where the C output went
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class MemoryAudio(io.BytesIO):
+    """Audio bytes (standard input) as a seekable file for libsndfile. A seek before the start,
+    which damaged headers make libsndfile try, fails as fseek does (the position stays) instead of
+    raising inside libsndfile's callback, where Python can only print the traceback."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return super().seek(offset, whence)
+        except ValueError:
+            return self.tell()
+
+
+def check_sample_rate(rate: int, name) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"audio file {name} claims a sample rate of {rate} Hz, outside "
+                         f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz: its header is damaged")
+
+
+def too_short_error(name, sample_rate: int = SAMPLE_RATE) -> AudioError:
+    return AudioError(f"audio file is shorter than one sample at {sample_rate} Hz: {name}")
 
 
 def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
@@ -50,7 +123,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None
     """
     p = check_path(path)
     try:
-        with soundfile.SoundFile(p) as f:
+        with native_stderr_silenced(), soundfile.SoundFile(p) as f:
             sample_rate = f.samplerate
             if start:
                 f.seek(start)
@@ -72,9 +145,13 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     wave, file_rate = read_frames(path)
     if wave.size == 0:
         raise AudioError(f"audio file has no samples: {path}")
+    check_sample_rate(file_rate, path)
     if not np.isfinite(wave).all():
         raise AudioError(f"audio file contains NaN or infinite samples: {path}")
-    return resample(wave, file_rate, sample_rate)
+    wave = resample(wave, file_rate, sample_rate)
+    if wave.size == 0:
+        raise too_short_error(path, sample_rate)
+    return wave
 
 
 def fit_to_window(wave: np.ndarray, sample_rate: int, min_seconds: float,

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from salmonn_cli.errors import SalmonnError
+from salmonn_cli.errors import DEBUG_ENV, SalmonnError
 
 app = typer.Typer(
     add_completion=False,
@@ -19,7 +19,6 @@ app = typer.Typer(
     help="Ask questions about audio on your own machine (SALMONN: Whisper + BEATs + a LLaMA LLM).",
 )
 
-DEBUG_ENV = "SALMONN_DEBUG"
 INTERRUPTED = 130   # exit code after Ctrl-C, as shells report SIGINT
 
 

@@ -52,8 +52,13 @@ class AudioEncoder:
 
     def __call__(self, mel: np.ndarray, fbank: np.ndarray) -> np.ndarray:
         """mel (n_mels, frames), fbank (F, 128) -> audio embeddings (n_tokens, llm_hidden) float32."""
-        (embeds,) = self.session.run(
-            [OUTPUT_EMBEDS],
-            {INPUT_MEL: mel[None].astype(np.float32), INPUT_FBANK: fbank[None].astype(np.float32)},
-        )
+        try:
+            (embeds,) = self.session.run(
+                [OUTPUT_EMBEDS],
+                {INPUT_MEL: mel[None].astype(np.float32), INPUT_FBANK: fbank[None].astype(np.float32)},
+            )
+        except Exception as e:  # ORT's own types: the graph does not take what the manifest describes
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"the audio encoder rejected mel {mel.shape} / fbank {fbank.shape} "
+                             f"(does the manifest match the model?): {first}") from None
         return np.ascontiguousarray(embeds, dtype=np.float32)

@@ -1,5 +1,8 @@
 """The one exception type the CLI turns into a one-line message and a non-zero exit."""
 
+# Set (to anything) for tracebacks and native libraries' own diagnostics instead of one-line errors.
+DEBUG_ENV = "SALMONN_DEBUG"
+
 
 class SalmonnError(Exception):
     """A problem the user can fix (bad file, bad model directory, bad option)."""

@@ -1,12 +1,14 @@
 """The exported model's contract: `salmonn.json` in a model directory.
 
 Export writes it; the runtime trusts nothing else about a model. Every file it names is checked
-against its sha256 before it is loaded (the check is cached by path, size and mtime).
+against its sha256 before it is loaded (the check is cached by path, size, mtime and ctime).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,8 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
 
 def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> Manifest:
     root = resolve_model_dir(model_dir)
+    if root.exists() and not root.is_dir():
+        raise ModelError(f"model path is a file, not a model directory: {root}")
     if not root.is_dir():
         raise ModelError(f"model directory not found: {root}")
     mpath = root / MANIFEST_NAME
@@ -87,7 +91,7 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
                          "create one with `salmonn export`")
     try:
         d = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: bad UTF-8, JSON, or a huge int
         raise ModelError(f"{mpath} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ModelError(f"{mpath} is not a salmonn model manifest")
@@ -105,6 +109,7 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
         for name, info in manifest.files.items():
             if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
                 raise ValueError(f"bad file entry for {name!r}")
+        check_config(manifest.config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ModelError(f"{mpath} is malformed: {e}") from None
     for name in (manifest.audio_encoder, manifest.llm, manifest.lora_adapter):
@@ -113,6 +118,48 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
     if verify:
         verify_files(manifest)
     return manifest
+
+
+# --- config values ------------------------------------------------------------------------------
+
+def _type_ok(annotation: str, value) -> bool:
+    """`value` fits a config field annotated `annotation` (annotations are strings here)."""
+    if annotation.endswith(" | None"):
+        return value is None or _type_ok(annotation[:-len(" | None")], value)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def _check_field_types(obj, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_field_types(value, f"{prefix}{f.name}.")
+        elif not _type_ok(str(f.type), value):
+            raise ValueError(f"config value {prefix}{f.name} = {value!r} is not a {f.type}")
+
+
+def check_config(config: SalmonnConfig) -> None:
+    """Raise ValueError unless every config value has its field's type and the derived geometry
+    and prompt template work out (a hand-edited manifest must fail here, not deep in a run)."""
+    _check_field_types(config)
+    try:
+        n_tokens = config.n_audio_tokens
+        config.lora.scale
+        config.prompt_template.format("")
+    except (ArithmeticError, ValueError, IndexError, KeyError) as e:
+        raise ValueError(f"inconsistent config ({type(e).__name__}: {e})") from None
+    if n_tokens < 1 or config.sample_rate < 1 or not 0 <= config.min_seconds <= config.max_seconds:
+        raise ValueError("inconsistent config: no audio would reach the model")
 
 
 def _optional_name(d: dict, key: str) -> str | None:
@@ -141,14 +188,19 @@ def _save_cache(cache: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError:
         pass  # the cache is only an optimisation
 
 
 def verify_files(manifest: Manifest) -> None:
-    """Check every listed file against its sha256; a (path, size, mtime) hit in the cache skips hashing."""
+    """Check every listed file against its sha256; a (path, size, mtime, ctime) hit in the cache
+    skips hashing. ctime cannot be set back by hand, so an in-place edit that restores size and
+    mtime is still hashed."""
     cache = _load_cache()
     changed = False
     for name, info in manifest.files.items():
@@ -160,7 +212,7 @@ def verify_files(manifest: Manifest) -> None:
             raise ModelError(f"model file {path} has {st.st_size} bytes, the manifest says "
                              f"{info['size']}: the file is truncated or replaced; re-export the model")
         key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns, info["sha256"]]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, info["sha256"]]
         if cache.get(key) == stamp:
             continue
         if sha256_of(path) != info["sha256"]:

@@ -17,7 +17,8 @@ import soundfile
 import soxr
 
 from salmonn_cli.audio import (KEPT_CHANNEL, RESAMPLE_QUALITY, SAMPLE_RATE, READ_ERRORS, check_path,
-                               read_error_reason)
+                               check_sample_rate, native_stderr_silenced, read_error_reason,
+                               too_short_error)
 from salmonn_cli.errors import AudioError
 
 WINDOW_SECONDS = 30.0          # the model hears at most 30 s at once
@@ -61,7 +62,8 @@ def _open(source: str | os.PathLike | BinaryIO) -> tuple[soundfile.SoundFile, st
         target = check_path(source)
         name = str(target)
     try:
-        return soundfile.SoundFile(target), name
+        with native_stderr_silenced():
+            return soundfile.SoundFile(target), name
     except READ_ERRORS as e:
         raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
 
@@ -72,13 +74,15 @@ def read_resampled_blocks(source: str | os.PathLike | BinaryIO, sample_rate: int
     f, name = _open(source)
     with f:
         file_rate = f.samplerate
+        check_sample_rate(file_rate, name)
         block_frames = max(1, int(block_seconds * file_rate))
         stream = None if file_rate == sample_rate else soxr.ResampleStream(
             file_rate, sample_rate, 1, dtype="float64", quality=RESAMPLE_QUALITY)
-        n_read = 0
+        n_read = n_out = 0
         while True:
             try:
-                block = f.read(block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL]
+                with native_stderr_silenced():
+                    block = f.read(block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL]
             except READ_ERRORS as e:
                 raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
             last = len(block) < block_frames
@@ -88,6 +92,9 @@ def read_resampled_blocks(source: str | os.PathLike | BinaryIO, sample_rate: int
             if last and n_read == 0:
                 raise AudioError(f"audio file has no samples: {name}")
             out = block if stream is None else stream.resample_chunk(np.ascontiguousarray(block), last=last)
+            n_out += len(out)
+            if last and n_out == 0:
+                raise too_short_error(name, sample_rate)
             if len(out):
                 yield out
             if last:
