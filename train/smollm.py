@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.errors import ModelError
 from salmonn_cli.manifest import sha256_of
 
@@ -50,8 +51,7 @@ def smollm2_gguf() -> Path:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "salmonn" / "llm" / CACHE_NAME
+    return salmonn_cache_dir() / "llm" / CACHE_NAME
 
 
 def materialize_smollm2(out_dir: str | Path | None = None) -> Path:

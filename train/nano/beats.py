@@ -52,5 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     print(write_random_beats(args.out, args.seed))
 
 
+def beats_state_digest(path: str | Path) -> str:
+    """sha256 over a BEATs .pt's tensors (names, shapes, float32 bytes): equal files hold equal weights."""
+    import hashlib
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to(torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 if __name__ == "__main__":
     main()

