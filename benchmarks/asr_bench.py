@@ -41,6 +41,17 @@ def score(entries: list[dict], texts: list[str], seconds: list[float]) -> dict:
     return result
 
 
+def timed_score(transcribe, entries: list[dict]) -> dict:
+    """`score` of `transcribe(path) -> text` over the entries, each timed, after one warm-up call."""
+    transcribe(entries[0]["path"])
+    texts, seconds = [], []
+    for entry in entries:
+        t0 = time.perf_counter()
+        texts.append(transcribe(entry["path"]))
+        seconds.append(time.perf_counter() - t0)
+    return score(entries, texts, seconds)
+
+
 def run_faster_whisper(entries: list[dict], threads: int, beams: tuple[int, ...]) -> dict:
     try:
         from faster_whisper import WhisperModel
@@ -59,13 +70,7 @@ def run_faster_whisper(entries: list[dict], threads: int, beams: tuple[int, ...]
             segments, _ = model.transcribe(path, beam_size=beam)
             return "".join(s.text for s in segments).strip()
 
-        transcribe(entries[0]["path"])          # warm-up
-        texts, seconds = [], []
-        for entry in entries:
-            t0 = time.perf_counter()
-            texts.append(transcribe(entry["path"]))
-            seconds.append(time.perf_counter() - t0)
-        result["beams"][beam] = score(entries, texts, seconds)
+        result["beams"][beam] = timed_score(transcribe, entries)
     return result
 
 
@@ -82,13 +87,7 @@ def run_nano(model_dir: Path, entries: list[dict], threads: int) -> dict:
         def transcribe(path: str) -> str:
             return transcribe_file(pipeline, path, options, progress=False).text
 
-        transcribe(entries[0]["path"])          # warm-up
-        texts, seconds = [], []
-        for entry in entries:
-            t0 = time.perf_counter()
-            texts.append(transcribe(entry["path"]))
-            seconds.append(time.perf_counter() - t0)
-        result = score(entries, texts, seconds)
+        result = timed_score(transcribe, entries)
         result.update(load_s=load_s, threads=threads, quant=pipeline.manifest.quant,
                       encoder_provider=pipeline.encoder.provider, model=str(model_dir))
     return result

@@ -9,12 +9,12 @@ Building needs the PyTorch side (`pip install 'salmonn[train]'`); running never 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import sys
 from pathlib import Path
 
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.errors import ModelError
+from salmonn_cli.manifest import sha256_of
 
 NANO_DATA_DIR = Path(__file__).with_name("nano")
 WEIGHTS_FILE = "weights.safetensors"
@@ -34,7 +34,7 @@ def shipped_weights_digest(data_dir: Path = NANO_DATA_DIR) -> str:
     path = data_dir / WEIGHTS_FILE
     if not path.is_file():
         raise ModelError(f"this installation ships no salmonn-nano weights ({path}); pass --model DIR")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_of(path)
 
 
 def is_built(model_dir: Path, digest: str) -> bool:

@@ -30,7 +30,7 @@ from salmonn_cli.config import SalmonnConfig
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
-from train.loss import TrainingModel
+from train.loss import TrainingModel, audio_token_counts, encode_batch, swap_audio
 from train.model import LORA_NAME_PARTS, Salmonn
 from train.official import apply_checkpoint_state, build_from_parts, load_official, official_model_config
 from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfig
@@ -274,8 +274,10 @@ def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDa
         for batch in loader:
             batch = batch.to(d.device)
             with autocast():
-                batch_ce, batch_n, batch_correct = trainer(batch)
-                batch_swapped_ce = trainer(batch, swapped_audio=True)[0] if len(batch) > 1 else batch_ce
+                audio = encode_batch(trainer.model, batch.mel, batch.fbanks)
+                batch_ce, batch_n, batch_correct = trainer.loss_sums(batch, audio)
+                swapped = swap_audio(audio, audio_token_counts(trainer.model, audio, batch))
+                batch_swapped_ce = trainer.loss_sums(batch, swapped)[0] if len(batch) > 1 else batch_ce
             ce, n, correct = ce + float(batch_ce), n + float(batch_n), correct + float(batch_correct)
             swapped_ce += float(batch_swapped_ce)
     net.train()

@@ -154,18 +154,16 @@ def swap_audio(audio_embeds: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 class TrainingModel(nn.Module):
-    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct).
-
-    `swapped_audio=True` (validation only) pairs each answer with another sample's audio.
-    """
+    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct)."""
 
     def __init__(self, model: Salmonn):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch, swapped_audio: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        audio_embeds = encode_batch(self.model, batch.mel, batch.fbanks)
-        if swapped_audio:
-            audio_embeds = swap_audio(audio_embeds, audio_token_counts(self.model, audio_embeds, batch))
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.loss_sums(batch, encode_batch(self.model, batch.mel, batch.fbanks))
+
+    def loss_sums(self, batch: Batch, audio_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` on audio embeddings already computed (validation also scores them swapped)."""
         inputs, mask, labels = assemble_inputs(self.model, audio_embeds, batch)
         return shifted_loss_sums(self.model, inputs, mask, labels)
