@@ -155,9 +155,15 @@ class FileStream:
         self._thread: threading.Thread | None = None
         audio.check_path(path)
         try:
-            self._file = soundfile.SoundFile(self.path)
+            with audio.native_stderr_silenced():
+                self._file = soundfile.SoundFile(self.path)
         except audio.READ_ERRORS as e:
             raise AudioError(f"cannot read audio file {self.path}: {audio.read_error_reason(e)}") from None
+        try:
+            audio.check_sample_rate(self._file.samplerate, self.path)
+        except AudioError:
+            self._file.close()
+            raise
         self._resampler = None
         if self._file.samplerate != samplerate:
             self._resampler = soxr.ResampleStream(self._file.samplerate, samplerate, 1, dtype="float32",

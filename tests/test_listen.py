@@ -178,6 +178,16 @@ def test_file_stream_reports_a_missing_file(tmp_path):
         FileStream(tmp_path / "nope.wav", RATE, 1600, lambda *a: None)
 
 
+def test_file_stream_refuses_a_damaged_sample_rate(tmp_path):
+    wav = tmp_path / "1hz.wav"
+    sf.write(wav, np.zeros(RATE, dtype=np.float32), RATE, subtype="PCM_16")
+    data = bytearray(wav.read_bytes())
+    data[24:28] = (1).to_bytes(4, "little")          # the fmt chunk's sample rate
+    wav.write_bytes(bytes(data))
+    with pytest.raises(AudioError, match="sample rate of 1 Hz"):
+        FileStream(wav, RATE, 1600, lambda *a: None)
+
+
 # --- the listening loop on the exported official-tiny model ------------------------------------------
 
 # Real speech from the shared fixtures, with silences between: where each clip's speech is (s).
