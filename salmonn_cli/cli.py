@@ -371,8 +371,10 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # usage errors (typer's click) and anything unexpected: no traceback
-        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
-            e.show()
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"salmonn: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             print("\nsalmonn: interrupted", file=sys.stderr)

@@ -362,6 +362,8 @@ BAD_ASK = {
     "prompt_empty": ([SPEECH, "   "], "prompt is empty"),
     "lora_scale_nan": ([SPEECH, PROMPT, "--lora-scale", "nan"], "finite"),
     "beams_with_sampling": ([SPEECH, PROMPT, "--beams", "2", "--temperature", "0.5"], "beam search"),
+    "max_tokens_zero": ([SPEECH, PROMPT, "--max-tokens", "0"], "'--max-tokens'"),      # typer's own checks
+    "unknown_option": ([SPEECH, PROMPT, "--bogus"], "No such option: --bogus"),
     "stdin_empty": (["-", PROMPT], "no audio on standard input"),
     "stdin_not_audio": (["-", PROMPT], "<stdin>"),
 }
@@ -371,7 +373,8 @@ BAD_ASK = {
 def test_bad_ask_is_one_line(model_f32, env, case):
     args, fragment = BAD_ASK[case]
     stdin = b"plain text, not audio" if case == "stdin_not_audio" else b""
-    r = run_cli(["ask", *args, "-m", model_f32, *FAST], env, input=stdin)
+    options = ["-m", model_f32, "--threads", "1"] if case == "max_tokens_zero" else ["-m", model_f32, *FAST]
+    r = run_cli(["ask", *args, *options], env, input=stdin)
     assert_one_line_error(r, fragment)
     assert r.stdout == b""
 
