@@ -383,6 +383,32 @@ def test_a_few_steps_lower_the_loss(overfit_run):
     assert len(valid) == 1 and valid[0]["accuracy"] == 1.0, valid
 
 
+def test_cpu_bf16_autocast_and_a_muted_beats_stream(base):
+    """`[run] cpu_amp = "bf16"` autocasts on CPU (first loss within bf16 rounding of the same fp32
+    run's, not equal) and `[model] beats_stream_gain = 0` starts ln_audio at 0, from where it trains."""
+    lr = 3e-2
+
+    def run(name: str, cpu_amp: str) -> tuple[list[float], Path]:
+        raw = run_config(base, base / name,
+                         model={"lora_dropout": 0.0, "qformer_dropout": 0.0, "beats_stream_gain": 0.0},
+                         data={"train": str(base / "overfit.json"), "prompts": str(base / "one_prompt.json")},
+                         optim={"init_lr": lr, "min_lr": lr, "warmup_start_lr": lr, "warmup_steps": 0,
+                                "max_steps": 5, "batch_size": 1},
+                         run={"save_every": 5, "val_every": 5, "cpu_amp": cpu_amp})
+        if cpu_amp == "none":
+            model, _ = loop.build_model(TrainConfig.from_dict(raw).model)
+            assert torch.count_nonzero(model.ln_audio.weight) == 0
+        checkpoint = train_in_process(raw)
+        return [r["loss"] for r in read_log(checkpoint.parent)], checkpoint
+
+    fp32, _ = run("fp32", "none")
+    bf16, checkpoint = run("bf16", "bf16")
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05), (bf16, fp32)
+    assert bf16[-1] < bf16[0], bf16
+    gain = trained(checkpoint)["ln_audio.weight"]
+    assert 0 < gain.abs().max() < 1, gain
+
+
 def test_checkpoint_has_the_official_layout(overfit_run, tiny_model):
     model, _ = tiny_model
     ckpt = torch.load(overfit_run, map_location="cpu", weights_only=True)

@@ -1,5 +1,5 @@
 """The training loop: AdamW with the official weight-decay groups, linear warm-up + cosine schedule,
-gradient accumulation and clipping, autocast on GPU, DistributedDataParallel under torchrun,
+gradient accumulation and clipping, autocast (GPU; bf16 on CPU by `[run] cpu_amp`), DistributedDataParallel under torchrun,
 validation, a JSONL log, and atomic checkpoints that resume exactly.
 
     python -m train CONFIG.toml [--resume]                                # one process
@@ -146,6 +146,8 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
                                          prompt_special_tokens=m.prompt_special_tokens,
                                          trim_windows=m.trim_windows,
                                          normalize_audio_tokens=m.normalize_audio_tokens)
+        with torch.no_grad():
+            model.ln_audio.weight.fill_(m.beats_stream_gain)
     for module in model.speech_Qformer.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = m.qformer_dropout
@@ -342,10 +344,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lora_lr_scale, o.lora_start_step > 0),
                                   lr=o.init_lr, betas=(o.beta1, o.beta2))
     schedule = WarmupCosineSchedule(optimizer, o)
-    amp_dtype = AMP_DTYPES.get(r.amp) if cuda else None
+    amp_dtype = AMP_DTYPES.get(r.amp if cuda else r.cpu_amp)
 
     def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     plan = StepPlan(o.batch_size, o.accum_steps, d.world_size)

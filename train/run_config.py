@@ -15,6 +15,7 @@ from salmonn_cli.config import LoraDims, QFormerDims
 from salmonn_cli.errors import SalmonnError
 
 AMP_MODES = ("fp16", "bf16", "none")
+CPU_AMP_MODES = ("bf16", "none")
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,6 +53,10 @@ class ModelSection:
     # train BEATs with the connector (salmonn-nano's BEATs starts random); its weights are saved as an
     # official BEATs .pt beside each checkpoint, which that checkpoint's `beats_path` names
     train_beats: bool = False
+    # initial scale of `ln_audio` (the BEATs half of each fused frame) in a fresh model; the official
+    # LayerNorm starts at 1. 0 mutes a random BEATs at first: its gradient still lets the stream grow
+    # where it helps (salmonn-nano: train/nano/README.md)
+    beats_stream_gain: float = 1.0
     max_txt_len: int = 300          # answer tokens (EOS included) kept per sample
 
     def qformer_dims(self) -> QFormerDims:
@@ -94,7 +99,8 @@ class OptimSection:
 class RunSection:
     out_dir: str = "runs/stage1"
     seed: int = 42
-    amp: str = "fp16"               # GPU only ("fp16" official, "bf16", "none"); CPU runs fp32
+    amp: str = "fp16"               # GPU autocast ("fp16" official, "bf16", "none")
+    cpu_amp: str = "none"           # CPU autocast: "bf16" (fast where the CPU has bf16 units) or "none" (fp32)
     llm_dtype: str = "float32"      # GPU only: dtype of the frozen LLM base weights
     save_every: int = 3000          # steps between checkpoints (and one at the end)
     val_every: int = 3000           # steps between validations (and one at the end)
@@ -143,6 +149,8 @@ class TrainConfig:
             raise ConfigError("[data] train (an annotation file) is required")
         if r.amp not in AMP_MODES:
             raise ConfigError(f"[run] amp must be one of {', '.join(AMP_MODES)}, not {r.amp!r}")
+        if r.cpu_amp not in CPU_AMP_MODES:
+            raise ConfigError(f"[run] cpu_amp must be one of {', '.join(CPU_AMP_MODES)}, not {r.cpu_amp!r}")
         if r.llm_dtype not in LLM_DTYPES:
             raise ConfigError(f"[run] llm_dtype must be one of {', '.join(LLM_DTYPES)}, not {r.llm_dtype!r}")
         for section, key in (("optim", "batch_size"), ("optim", "accum_steps"), ("optim", "max_steps"),
