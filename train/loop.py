@@ -1,6 +1,7 @@
 """The training loop: AdamW with the official weight-decay groups, linear warm-up + cosine schedule,
-gradient accumulation and clipping, autocast (GPU; bf16 on CPU by `[run] cpu_amp`), DistributedDataParallel under torchrun,
-validation, a JSONL log, and atomic checkpoints that resume exactly.
+gradient accumulation and clipping, autocast (GPU; bf16 on CPU with `[run] cpu_amp`),
+DistributedDataParallel under torchrun, validation, a JSONL log, and atomic checkpoints that resume
+exactly.
 
     python -m train CONFIG.toml [--resume]                                # one process
     torchrun --nproc_per_node=N -m train CONFIG.toml [--resume]           # N processes (NCCL / gloo)
