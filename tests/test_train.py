@@ -180,6 +180,11 @@ def test_config_errors_and_overrides(tmp_path):
         load_train_config(path, ["optim.max_steps=1.5"])
     with pytest.raises(ConfigError, match="amp must be one of"):
         load_train_config(path, ["run.amp=fp8"])
+    with pytest.raises(ConfigError, match="cpu_amp must be one of"):
+        load_train_config(path, ["run.cpu_amp=fp16"])
+    for gain in ("-1.0", "nan", "inf"):
+        with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
+            load_train_config(path, [f"model.beats_stream_gain={gain}"])
     with pytest.raises(ConfigError, match="not found"):
         load_train_config(tmp_path / "missing.toml")
 

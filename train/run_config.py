@@ -157,6 +157,8 @@ class TrainConfig:
                              ("run", "save_every"), ("run", "val_every"), ("model", "max_txt_len")):
             if getattr(getattr(self, section), key) < 1:
                 raise ConfigError(f"[{section}] {key} must be at least 1")
+        if not 0 <= m.beats_stream_gain < float("inf"):        # also refuses TOML's nan
+            raise ConfigError(f"[model] beats_stream_gain must be a finite number >= 0, not {m.beats_stream_gain}")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 
