@@ -414,6 +414,35 @@ def test_cpu_bf16_autocast_and_a_muted_beats_stream(base):
     assert 0 < gain.abs().max() < 1, gain
 
 
+def test_cached_encoder_outputs_train_exactly_like_the_encoders(base, tmp_path, monkeypatch):
+    """`[run] cache_encoders`: each clip's frozen Whisper and BEATs outputs are computed once and
+    reused (clip0 is in the set twice, and every clip comes back in the second epoch); with
+    batches of one clip the cached run ends bitwise equal to the run that encodes every step."""
+    from train.encoder_cache import FrozenEncoderCache
+
+    caches = []
+    original_init = FrozenEncoderCache.__init__
+
+    def remember(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(FrozenEncoderCache, "__init__", remember)
+    sections = {"model": {"lora_dropout": 0.0, "qformer_dropout": 0.0},
+                "data": {"valid": str(base / "valid.json")},
+                "optim": {"batch_size": 1, "accum_steps": 2, "max_steps": 4}}
+    plain = train_in_process(run_config(base, tmp_path / "plain", **sections))
+    raw = run_config(base, tmp_path / "cached", **sections)
+    raw["run"]["cache_encoders"] = True
+    cached = train_in_process(raw)
+    assert len(caches) == 1
+    cache = caches[0]
+    assert len(cache) == 3                                  # clip0, clip1, clip2
+    assert cache.misses == 3 and cache.hits > cache.misses  # 8 training samples + 2 x 2 validation
+    assert max_diff(trained(plain), trained(cached)) == 0.0
+    assert [r["loss"] for r in read_log(plain.parent, "valid")] == [r["loss"] for r in read_log(cached.parent, "valid")]
+
+
 def test_checkpoint_has_the_official_layout(overfit_run, tiny_model):
     model, _ = tiny_model
     ckpt = torch.load(overfit_run, map_location="cpu", weights_only=True)

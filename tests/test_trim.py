@@ -192,6 +192,25 @@ def test_training_batch_of_two_lengths_gives_each_clip_its_own_windows(tiny_trim
         assert torch.equal(inputs[i, 1 + len(batch.ids_before[i]):][:counts[i]], embeds[i, :counts[i]])
 
 
+def test_cached_encoder_outputs_give_the_same_trimmed_tokens(tiny_trimmed):
+    """The frozen-encoder cache (train/encoder_cache.py) stores each clip's trimmed Whisper state
+    and BEATs output once; the tokens from it equal those computed from the features."""
+    from train.encoder_cache import FrozenEncoderCache
+
+    model, config = tiny_trimmed
+    batch = two_clip_batch(config)
+    keys = [("a.wav",), ("b.wav",)]
+    cache = FrozenEncoderCache()
+    with torch.no_grad():
+        plain = encode_batch(model, batch.mel, batch.fbanks)
+        first = encode_batch(model, batch.mel, batch.fbanks, keys, cache)
+        again = encode_batch(model, torch.zeros_like(batch.mel), batch.fbanks, keys, cache)   # mel unused
+    assert (cache.misses, cache.hits) == (2, 2)
+    assert [cache.entries[k][0].shape[0] for k in keys] == [encoder_frame_count(config, f.shape[0])
+                                                            for f in batch.fbanks]
+    assert torch.equal(plain, first) and torch.equal(first, again)
+
+
 def test_training_loss_of_two_lengths_equals_each_clip_alone(tiny_trimmed):
     model, config = tiny_trimmed
     batch = two_clip_batch(config)

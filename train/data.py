@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -190,6 +190,7 @@ class Item:
     ids_before: list[int]           # text before the audio, without BOS
     ids_after: list[int]
     answer_ids: list[int]           # answer + EOS, cut to max_txt_len
+    clip: tuple[str, ...] = ()      # the audio files it was made from (FrozenEncoderCache key)
 
 
 class AnnotationDataset(torch.utils.data.Dataset):
@@ -211,7 +212,7 @@ class AnnotationDataset(torch.utils.data.Dataset):
         ids_before, ids_after = prompt_token_ids(cfg, choose_prompt(self.prompts, sample, self.seed, draw),
                                                  self._tokens)
         answer = (self._tokens(sample.text) + [cfg.llm.eos_token_id])[:self.max_txt_len]
-        return Item(index, mel, fbank, ids_before, ids_after, answer)
+        return Item(index, mel, fbank, ids_before, ids_after, answer, (sample.path, *sample.expand_wav))
 
     def _tokens(self, text: str, special: bool = False) -> list[int]:
         return _cached_encode(self.tokenizer, text, special)
@@ -232,6 +233,7 @@ class Batch:
     ids_before: list[list[int]]
     ids_after: list[list[int]]
     answer_ids: list[list[int]]
+    clips: list[tuple[str, ...]] = field(default_factory=list)   # Item.clip of each sample
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -247,7 +249,7 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.indices, self.mel.to(device), [f.to(device) for f in self.fbanks],
-                     self.ids_before, self.ids_after, self.answer_ids)
+                     self.ids_before, self.ids_after, self.answer_ids, self.clips)
 
 
 def collate(items: list[Item]) -> Batch:
@@ -258,6 +260,7 @@ def collate(items: list[Item]) -> Batch:
         ids_before=[it.ids_before for it in items],
         ids_after=[it.ids_after for it in items],
         answer_ids=[it.answer_ids for it in items],
+        clips=[it.clip for it in items],
     )
 
 

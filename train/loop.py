@@ -31,7 +31,8 @@ from salmonn_cli.config import SalmonnConfig
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
-from train.loss import TrainingModel, audio_token_counts, encode_batch, swap_audio
+from train.encoder_cache import FrozenEncoderCache
+from train.loss import TrainingModel, audio_token_counts, swap_audio
 from train.model import LORA_NAME_PARTS, Salmonn
 from train.official import apply_checkpoint_state, build_from_parts, load_official, official_model_config
 from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfig
@@ -277,7 +278,7 @@ def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDa
         for batch in loader:
             batch = batch.to(d.device)
             with autocast():
-                audio = encode_batch(trainer.model, batch.mel, batch.fbanks)
+                audio = trainer.encode(batch)
                 batch_ce, batch_n, batch_correct = trainer.loss_sums(batch, audio)
                 swapped = swap_audio(audio, audio_token_counts(trainer.model, audio, batch))
                 batch_swapped_ce = trainer.loss_sums(batch, swapped)[0] if len(batch) > 1 else batch_ce
@@ -333,7 +334,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
         for param in model.llama_model.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(LLM_DTYPES[r.llm_dtype])
-    trainer = TrainingModel(model)
+    cache = FrozenEncoderCache(cache_beats=not m.train_beats) if r.cache_encoders else None
+    trainer = TrainingModel(model, cache)
     net = trainer
     if d.world_size > 1:
         # the frozen bases are loaded from the same files everywhere: no need to broadcast them

@@ -27,6 +27,7 @@ from torch import nn
 
 from salmonn_cli.trim import audio_token_count, mel_frame_count
 from train.data import IGNORE_INDEX, Batch
+from train.encoder_cache import FrozenEncoderCache
 from train.model import Salmonn, cut_windows, pad_time, project_audio_tokens
 
 
@@ -36,57 +37,73 @@ def beats_grad(model: Salmonn):
     return torch.set_grad_enabled(torch.is_grad_enabled() and trains)
 
 
-def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) -> torch.Tensor:
-    """(B, n_mels, frames), B x (F_i, 128) -> audio embeddings (B, n_audio_tokens, llm_hidden).
+def frozen_states(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
+                  keys: list[tuple[str, ...]] | None = None,
+                  cache: FrozenEncoderCache | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per clip, before their LayerNorms: Whisper's last hidden state (T, d) (with
+    `config.trim_windows` only the frames its windows read) and BEATs' output (T_b, width).
 
-    The frozen encoders run without autograd; the LayerNorms, Q-Former and projection train.
-    With `config.trim_windows` sample i has `audio_token_count(config, F_i)` tokens, zero-padded
-    at the end to the longest (`assemble_inputs` takes each sample's own count).
+    Without a cache Whisper runs batched (over the clips of equal length when trimming); with one,
+    each missing clip runs alone and is stored under `keys[i]` (train/encoder_cache.py).
     """
-    if model.config.trim_windows:
-        return encode_trimmed_batch(model, mel, fbanks)
-    with torch.no_grad():
-        speech = model.speech_encoder(mel).last_hidden_state
-    with beats_grad(model):
-        sounds = [model.beats(fbank.unsqueeze(0))[0] for fbank in fbanks]
-    speech = model.ln_speech(speech)
-    sounds = [model.ln_audio(s) for s in sounds]
-    frames = max(speech.shape[1], *(s.shape[0] for s in sounds))
-    sounds = torch.stack([pad_time(s.unsqueeze(0), frames)[0] for s in sounds])
-    fused = torch.cat([pad_time(speech, frames), sounds], dim=-1)
-    windows = cut_windows(fused, model.config.window_frames, model.config.stride_frames)
-    b, n_windows, kernel, width = windows.shape
-    windows = windows.reshape(b * n_windows, kernel, width)
-    queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
-    tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
-                                  model.config.audio_token_rms)
-    return tokens.reshape(b, -1, tokens.shape[-1])
-
-
-def encode_trimmed_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor]) -> torch.Tensor:
-    """`encode_batch` with each clip cut to its own windows (salmonn_cli/trim.py), computed exactly
-    as `Salmonn.encode_audio` computes one clip: Whisper runs batched over the clips of equal
-    length, the Q-Former once over the windows of all clips."""
     config = model.config
     encoder = model.audio_encoder()
-    mel_frames = [mel_frame_count(config, fbank.shape[0]) for fbank in fbanks]
+    trimmed = config.trim_windows
+    mel_frames = [mel_frame_count(config, f.shape[0]) if trimmed else mel.shape[-1] for f in fbanks]
     speech: list[torch.Tensor | None] = [None] * len(fbanks)
+    sounds: list[torch.Tensor | None] = [None] * len(fbanks)
+    if cache is not None:
+        for i, key in enumerate(keys):
+            entry = cache.get(key)
+            if entry is not None:
+                speech[i], sounds[i] = entry
+    missing = [i for i, s in enumerate(speech) if s is None]
+    groups = ([[i] for i in missing] if cache is not None else
+              [[i for i in missing if mel_frames[i] == n] for n in sorted({mel_frames[i] for i in missing})])
     with torch.no_grad():
-        for length in sorted(set(mel_frames)):
-            rows = [i for i, n in enumerate(mel_frames) if n == length]
-            states = encoder.whisper(mel[rows, :, :length])
-            for row, state in zip(rows, states):
+        for rows in groups:
+            for row, state in zip(rows, encoder.whisper(mel[rows, :, :mel_frames[rows[0]]])):
                 speech[row] = state
     with beats_grad(model):
-        sounds = [model.beats(fbank.unsqueeze(0)) for fbank in fbanks]
-    windows = [cut_windows(encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a)),
-                           config.window_frames, config.stride_frames)[0]
-               for s, a in zip(speech, sounds)]
+        for i, fbank in enumerate(fbanks):
+            if sounds[i] is None:
+                sounds[i] = model.beats(fbank.unsqueeze(0))[0]
+    if cache is not None:
+        for i in missing:
+            cache.put(keys[i], speech[i], sounds[i])
+    return speech, sounds
+
+
+def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
+                 keys: list[tuple[str, ...]] | None = None,
+                 cache: FrozenEncoderCache | None = None) -> torch.Tensor:
+    """(B, n_mels, frames), B x (F_i, 128) -> audio embeddings (B, n_audio_tokens, llm_hidden).
+
+    The frozen encoders run without autograd (or come from `cache`, by clip `keys`); the
+    LayerNorms, Q-Former and projection train. With `config.trim_windows` sample i has
+    `audio_token_count(config, F_i)` tokens, zero-padded at the end to the longest
+    (`assemble_inputs` takes each sample's own count), each clip cut to its own windows
+    (salmonn_cli/trim.py) exactly as `Salmonn.encode_audio` computes one clip.
+    """
+    speech, sounds = frozen_states(model, mel, fbanks, keys, cache)
+    config = model.config
+    if config.trim_windows:
+        encoder = model.audio_encoder()
+        windows = [cut_windows(encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a.unsqueeze(0))),
+                               config.window_frames, config.stride_frames)[0]
+                   for s, a in zip(speech, sounds)]
+    else:
+        speech = model.ln_speech(torch.stack(speech))
+        sounds = [model.ln_audio(s) for s in sounds]
+        frames = max(speech.shape[1], *(s.shape[0] for s in sounds))
+        sounds = torch.stack([pad_time(s.unsqueeze(0), frames)[0] for s in sounds])
+        fused = torch.cat([pad_time(speech, frames), sounds], dim=-1)
+        windows = list(cut_windows(fused, config.window_frames, config.stride_frames))
     counts = [w.shape[0] for w in windows]
     windows = torch.cat(windows)
     queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
     tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
-                                  model.config.audio_token_rms)
+                                  config.audio_token_rms)
     per_clip = [t.reshape(-1, t.shape[-1]) for t in tokens.split(counts)]
     longest = max(t.shape[0] for t in per_clip)
     return torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t in per_clip])
@@ -156,12 +173,18 @@ def swap_audio(audio_embeds: torch.Tensor, counts: list[int]) -> torch.Tensor:
 class TrainingModel(nn.Module):
     """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct)."""
 
-    def __init__(self, model: Salmonn):
+    def __init__(self, model: Salmonn, encoder_cache: FrozenEncoderCache | None = None):
         super().__init__()
         self.model = model
+        self.encoder_cache = encoder_cache
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """The batch's audio embeddings, the frozen encoders' outputs taken from the cache if any."""
+        cache = self.encoder_cache if len(batch.clips) == len(batch) else None
+        return encode_batch(self.model, batch.mel, batch.fbanks, batch.clips, cache)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.loss_sums(batch, encode_batch(self.model, batch.mel, batch.fbanks))
+        return self.loss_sums(batch, self.encode(batch))
 
     def loss_sums(self, batch: Batch, audio_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` on audio embeddings already computed (validation also scores them swapped)."""

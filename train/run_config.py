@@ -106,6 +106,7 @@ class RunSection:
     val_every: int = 3000           # steps between validations (and one at the end)
     threads: int = 0                # torch CPU threads per process; 0 = torch's default
     progress: bool = True           # rich progress bar on rank 0
+    cache_encoders: bool = False    # keep each clip's frozen-encoder outputs in memory (train/encoder_cache.py)
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
