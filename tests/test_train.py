@@ -31,7 +31,7 @@ from official_format import OtherShapes, build_official_model
 from salmonn_cli.config import tiny
 from train import loop
 from train.data import (IGNORE_INDEX, Batch, DataError, Sample, SampleStream, StepPlan, check_tasks,
-                        choose_prompt, load_wave, read_annotations, read_prompts)
+                        choose_prompt, clip_features, load_wave, read_annotations, read_prompts)
 from train.loop import WarmupCosineSchedule, lr_at, param_groups
 from train.loss import assemble_inputs, encode_batch, shifted_loss_sums, swap_audio
 from train.run_config import ConfigError, OptimSection, TrainConfig, load_train_config
@@ -568,3 +568,68 @@ def test_activation_stories_then_stage3(overfit_run, base, tmp_path):
     stage3 = torch.load(train_in_process(raw), map_location="cpu", weights_only=True)
     assert stage3["step"] == 2 and stage3["config"]["model"]["lora_alpha"] == 32.0
     assert max_diff(stage3["model"], trained(overfit_run)) > 0
+
+
+# --- [align]: the CTC warm-up of the connector (train/align.py) ---------------------------------
+
+def test_ctc_targets_take_the_transcript_else_the_caption_once_per_clip():
+    from train.align import ctc_targets
+
+    samples = [Sample(path="a.wav", text="a tone", task="audiocaption"), Sample(path="a.wav", text="hello", task="asr"),
+               Sample(path="b.wav", text="yes", task="QA", question="Is it?"),
+               Sample(path="c.wav", text="a bell", task="audiocaption"),
+               Sample(path="c.wav", text="a gong", task="audiocaption")]
+    assert [(s.path, s.text) for s in ctc_targets(samples, ["asr", "audiocaption"])] == [("a.wav", "hello"),
+                                                                                          ("c.wav", "a bell")]
+    assert [s.text for s in ctc_targets(samples, ["audiocaption"])] == ["a tone", "a bell"]
+
+
+def test_ctc_head_greedy_merges_repeats_and_drops_blanks():
+    from train.align import CtcHead
+
+    head = CtcHead(torch.randn(10, 4), [7, 3])
+    best = [1, 1, 0, 1, 2, 2, 0, 0]                    # classes: 0 blank, 1 -> id 7, 2 -> id 3
+    log_probs = torch.full((len(best), 3), -9.0)
+    log_probs[torch.arange(len(best)), torch.tensor(best)] = 0.0
+    assert head.greedy(log_probs) == [7, 7, 3]
+    assert head.classes([3, 7]) == [2, 1]
+
+
+def test_alignment_learns_the_targets_and_the_lm_stage_starts_from_it(base, tmp_path, monkeypatch):
+    """`[align] steps`: the CTC loss falls until greedy CTC decoding spells each clip's target; a run that
+    finds OUT_DIR/align.pth loads it instead of aligning again and ends bitwise where the aligning run ended."""
+    import train.align as align_module
+    from train.data import Tokenizer
+
+    monkeypatch.setattr(align_module, "LOG_EVERY", 10)
+    steps = 60
+    raw = run_config(base, tmp_path / "aligned", model={"lora_dropout": 0.0, "qformer_dropout": 0.0,
+                                                         "trim_windows": True},
+                     optim={"max_steps": 1, "batch_size": 2}, run={"cache_encoders": True})
+    raw["align"] = {"steps": steps, "lr": 1e-2, "batch_size": 2}
+    with pytest.raises(ConfigError, match=r"\[align\]"):
+        TrainConfig.from_dict({**raw, "align": {"steps": -1}})
+    first = train_in_process(raw)
+    log = [json.loads(line) for line in (first.parent / "align.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(10, steps + 1, 10))
+    assert log[-1]["ctc"] < 0.2 * log[0]["ctc"], log
+    assert log[-1]["cached_clips"] == 2                 # clip0 (asr "beep") and clip1 (its caption); clip2 is QA only
+
+    model, config = loop.build_model(TrainConfig.from_dict(raw).model)
+    head = align_module.load_alignment(first.parent / align_module.ALIGN_NAME, model)
+    model.eval()
+    tokenizer = Tokenizer(raw["model"]["llama_path"])
+    for clip, text in (("clip0.wav", "beep"), ("clip1.wav", "a low tone")):
+        wave = load_wave(Sample(path=str(base / clip), text="", task="asr"), config)
+        mel, fbank = clip_features(wave, config)
+        with torch.no_grad():
+            tokens = encode_batch(model, torch.from_numpy(mel)[None], [torch.from_numpy(fbank)])
+            assert head.greedy(head(tokens)[0]) == tokenizer.encode(text), clip
+
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / align_module.ALIGN_NAME).write_bytes((first.parent / align_module.ALIGN_NAME).read_bytes())
+    raw["run"]["out_dir"] = str(again)
+    second = train_in_process(raw)
+    assert not (again / "align.jsonl").exists()
+    assert max_diff(trained(first), trained(second)) == 0.0

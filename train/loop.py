@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from salmonn_cli.config import SalmonnConfig
+from train.align import ALIGN_LOG_NAME, ALIGN_NAME, align, alignment_set, load_alignment, save_alignment
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
@@ -290,6 +291,23 @@ def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDa
     return {"loss": ce / n, "accuracy": correct / n, "audio_gain": (swapped_ce - ce) / n, "tokens": int(n)}
 
 
+def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train_set: AnnotationDataset,
+                  cache: FrozenEncoderCache | None, autocast, d: Dist) -> None:
+    """`[align]`: the CTC warm-up of the connector (train/align.py), or its saved result."""
+    out_dir = Path(cfg.run.out_dir)
+    aligned = out_dir / ALIGN_NAME
+    if aligned.is_file():
+        load_alignment(aligned, model)
+        return
+    a, o = cfg.align, cfg.optim
+    log = JsonlLog(out_dir / ALIGN_LOG_NAME, d.is_main, None)
+    head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                 weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
+                 eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write)
+    if d.is_main:
+        save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()})
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -335,6 +353,13 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             if not param.requires_grad:
                 param.data = param.data.to(LLM_DTYPES[r.llm_dtype])
     cache = FrozenEncoderCache(cache_beats=not m.train_beats) if r.cache_encoders else None
+    amp_dtype = AMP_DTYPES.get(r.amp if cuda else r.cpu_amp)
+
+    def autocast():
+        return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    if cfg.align.steps and not resume:      # on resume the checkpoint holds the connector already
+        run_alignment(cfg, model, config, train_set, cache, autocast, d)
     trainer = TrainingModel(model, cache)
     net = trainer
     if d.world_size > 1:
@@ -347,11 +372,6 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lora_lr_scale, o.lora_start_step > 0),
                                   lr=o.init_lr, betas=(o.beta1, o.beta2))
     schedule = WarmupCosineSchedule(optimizer, o)
-    amp_dtype = AMP_DTYPES.get(r.amp if cuda else r.cpu_amp)
-
-    def autocast():
-        return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     plan = StepPlan(o.batch_size, o.accum_steps, d.world_size)
     stream = SampleStream(len(train_set), r.seed)

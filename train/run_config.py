@@ -1,6 +1,6 @@
 """A training run's settings: one TOML file (train/stages/*.toml) read into `TrainConfig`.
 
-Sections `[model]`, `[data]`, `[optim]`, `[run]` map onto the dataclasses below; an unknown key is an
+Sections `[model]`, `[data]`, `[optim]`, `[run]`, `[align]` map onto the dataclasses below; an unknown key is an
 error. Defaults are the official SALMONN v1 recipe (spec §7.1). Relative paths are taken relative to
 the current directory, like the official configs. `--set section.key=value` overrides any key.
 """
@@ -109,7 +109,17 @@ class RunSection:
     cache_encoders: bool = False    # keep each clip's frozen-encoder outputs in memory (train/encoder_cache.py)
 
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+@dataclass
+class AlignSection:
+    """Connector warm-up by CTC before the LM stage (train/align.py); not in the official recipe."""
+    steps: int = 0                  # 0 = no alignment (official)
+    lr: float = 3e-3
+    batch_size: int = 16
+    tasks: list[str] = field(default_factory=lambda: ["asr", "audiocaption"])   # target per clip, by preference
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
+            "align": AlignSection}
 
 
 @dataclass
@@ -118,6 +128,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    align: AlignSection = field(default_factory=AlignSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,6 +171,9 @@ class TrainConfig:
                 raise ConfigError(f"[{section}] {key} must be at least 1")
         if not 0 <= m.beats_stream_gain < float("inf"):        # also refuses TOML's nan
             raise ConfigError(f"[model] beats_stream_gain must be a finite number >= 0, not {m.beats_stream_gain}")
+        a = self.align
+        if a.steps < 0 or a.batch_size < 1 or not 0 < a.lr < float("inf") or not a.tasks:
+            raise ConfigError("[align] steps must be >= 0, batch_size >= 1, lr a positive number and tasks not empty")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 

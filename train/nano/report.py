@@ -82,9 +82,16 @@ def training_summary(run_dir: Path) -> list[str]:
     if not train:
         return []
     seconds = sum(r["seconds"] for r in train)
-    lines = ["## Training", "",
-             f"- steps: {train[-1]['step']}, {seconds / 60:.1f} min of steps, {seconds / len(train):.2f} s/step, "
-             f"{sum(r['tokens_per_s'] for r in train) / len(train):.0f} LLM tokens/s",
+    lines = ["## Training", ""]
+    align_log = run_dir / "align.jsonl"
+    aligned = [json.loads(line) for line in align_log.read_text().splitlines() if line.strip()] if align_log.is_file() else []
+    if aligned:
+        align_seconds = aligned[-1]["seconds"]
+        lines += [f"- CTC alignment ([align]): {aligned[-1]['step']} steps, {align_seconds / 60:.1f} min, CTC loss "
+                  f"{aligned[0]['ctc']:.3f} (first {aligned[0]['step']} steps) -> {aligned[-1]['ctc']:.3f} (last ones)",
+                  f"- alignment and LM steps together: {(align_seconds + seconds) / 60:.1f} min"]
+    lines += [f"- LM steps: {train[-1]['step']}, {seconds / 60:.1f} min of steps, {seconds / len(train):.2f} s/step, "
+              f"{sum(r['tokens_per_s'] for r in train) / len(train):.0f} LLM tokens/s",
              f"- train loss: first 10 steps {_mean(train[:10], 'loss'):.3f}, last 10 steps {_mean(train[-10:], 'loss'):.3f}"]
     lines += [f"- valid at step {r['step']}: loss {r['loss']:.3f}, token accuracy {r['accuracy']:.3f}" for r in valid]
     return lines + [""]

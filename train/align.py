@@ -1,0 +1,165 @@
+"""Connector warm-up by CTC (`[align] steps`), run before the LM stage.
+
+A fresh Q-Former's tokens mean nothing to the LLM, and in the LM stage the connector learns only
+from gradients that come back through the whole LLM; on salmonn-nano the LLM learned the answers'
+wording from the prompt long before it read the audio (train/nano/README.md). Alignment gives the
+connector a direct target and costs no LLM pass: every audio token is scored by its dot product with
+the LLM's own (frozen) input embeddings of the token ids that occur in the targets, plus a learned
+blank, and CTC sums over all monotonic alignments of a clip's target ids to its audio tokens. The
+LM stage then starts from tokens that already lie near the embeddings of the words they carry.
+
+Target: one per clip, its transcript (task asr) when it has one, else its answer for the first other
+task of `[align] tasks` it has (a caption): two targets for the same frames would contradict each
+other. A target longer than the clip's audio tokens cannot be aligned and adds no gradient
+(`zero_infinity`): the windows must be short enough (nano: 0.167 s, ~6 tokens a second of speech).
+
+Only the connector trains here (LayerNorms, Q-Former, projection), not LoRA nor a trainable BEATs.
+Its result, OUT_DIR/align.pth, holds the trainable tensors in the official key layout (LoRA as
+initialised) and the CTC head; a run
+that finds the file loads it instead of aligning again (alignment itself is not resumable mid-way:
+killed, it starts over). Under torchrun every process aligns alone on the same data in the same order,
+and DistributedDataParallel then starts every process from rank 0's weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.data import AnnotationDataset, Sample, SampleStream, collate
+from train.encoder_cache import FrozenEncoderCache
+from train.loss import audio_token_counts, encode_batch
+from train.model import Salmonn
+
+ALIGN_NAME = "align.pth"
+ALIGN_LOG_NAME = "align.jsonl"
+LOG_EVERY = 50
+WARMUP_FRACTION = 0.05          # linear warm-up over the first 5 % of the steps
+FINAL_LR_FRACTION = 0.1         # then cosine down to a tenth
+
+
+def ctc_targets(samples: list[Sample], tasks: list[str]) -> list[Sample]:
+    """One sample per clip: its asr transcript if any, else its answer of the first listed task it has."""
+    rank = {task: i for i, task in enumerate(tasks)}
+    best: dict[tuple[str, ...], Sample] = {}
+    for sample in samples:
+        if sample.task not in rank:
+            continue
+        key = (sample.path, *sample.expand_wav)
+        kept = best.get(key)
+        if kept is None or rank[sample.task] < rank[kept.task]:
+            best[key] = sample
+    return list(best.values())
+
+
+class CtcHead(nn.Module):
+    """Audio tokens (B, T, H) -> log-probabilities (B, T, 1 + V): class 0 is the blank, class k the
+    LLM token `ids[k - 1]`, scored against that token's frozen input embedding."""
+
+    def __init__(self, embeddings: torch.Tensor, ids: list[int]):
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long))
+        self.register_buffer("targets", embeddings[self.ids].detach().clone())
+        self.blank = nn.Parameter(torch.zeros(embeddings.shape[1]))
+        self.blank_bias = nn.Parameter(torch.zeros(()))
+        self.log_scale = nn.Parameter(torch.zeros(()))       # learned sharpness of the dot products
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        dtype = tokens.dtype
+        blank = tokens @ self.blank.to(dtype) + self.blank_bias.to(dtype)
+        logits = torch.cat([blank.unsqueeze(-1), tokens @ self.targets.to(dtype).T], dim=-1)
+        return (logits.float() * self.log_scale.exp()).log_softmax(dim=-1)
+
+    def classes(self, llm_ids: list[int]) -> list[int]:
+        index = {int(token): k + 1 for k, token in enumerate(self.ids.tolist())}
+        return [index[token] for token in llm_ids]
+
+    def greedy(self, log_probs: torch.Tensor) -> list[int]:
+        """(T, 1 + V) of one clip -> LLM token ids: best class per token, repeats merged, blanks dropped."""
+        best = log_probs.argmax(dim=-1).tolist()
+        return [int(self.ids[c - 1]) for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
+
+
+def lr_factor(step: int, steps: int) -> float:
+    warmup = max(1, int(steps * WARMUP_FRACTION))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, batch_size: int,
+          weight_decay: float, grad_clip: float, seed: int, eos_token_id: int,
+          cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
+          log: Callable[[dict], None]) -> CtcHead:
+    """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps."""
+    from train.loop import decays
+
+    device = next(model.parameters()).device
+    ids = sorted({t for s in dataset.samples for t in dataset._tokens(s.text) if t != eos_token_id})
+    head = CtcHead(model.llama_model.get_input_embeddings().weight.detach(), ids).to(device)
+    connector = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad and ".lora_" not in n and not n.startswith("beats.")]
+    params = [p for _, p in connector] + list(head.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in connector if decays(n, p)], "weight_decay": weight_decay},
+         {"params": [p for n, p in connector if not decays(n, p)] + list(head.parameters()), "weight_decay": 0.0}],
+        lr=lr)
+    stream = SampleStream(len(dataset), seed)
+    model.train()
+    started, losses = time.perf_counter(), []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, steps)
+        batch = collate([dataset[(stream[step * batch_size + i], 0)] for i in range(batch_size)]).to(device)
+        with autocast():
+            tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
+            log_probs = head(tokens)
+        targets = [head.classes([t for t in answer if t != eos_token_id]) for answer in batch.answer_ids]
+        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
+                          torch.tensor(audio_token_counts(model, tokens, batch)),
+                          torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+            log({"step": step + 1, "split": "align", "ctc": sum(losses) / len(losses), "lr": optimizer.param_groups[0]["lr"],
+                 "seconds": time.perf_counter() - started, "cached_clips": len(cache) if cache is not None else 0})
+            losses = []
+    return head
+
+
+def save_alignment(path: Path, model: Salmonn, head: CtcHead, checkpoint_config: dict) -> None:
+    from train.loop import atomic_save
+
+    atomic_save({"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
+                 "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+                 "config": checkpoint_config}, path)
+
+
+def load_alignment(path: Path, model: Salmonn) -> CtcHead:
+    """Put the aligned connector of `path` into `model`; returns the CTC head."""
+    from train.official import apply_checkpoint_state
+
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    apply_checkpoint_state(model, saved["model"], source=str(path))
+    head_state = saved["head"]
+    head = CtcHead(model.llama_model.get_input_embeddings().weight.detach().cpu(), head_state["ids"].tolist())
+    head.load_state_dict(head_state)
+    return head
+
+
+def alignment_set(dataset: AnnotationDataset, tasks: list[str]) -> AnnotationDataset:
+    """`dataset` cut down to one CTC target per clip (`ctc_targets`)."""
+    return AnnotationDataset(ctc_targets(dataset.samples, tasks), dataset.prompts, dataset.config,
+                             dataset.tokenizer, dataset.max_txt_len, dataset.seed)
+
