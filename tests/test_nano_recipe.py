@@ -66,6 +66,8 @@ def test_quick_recipe_end_to_end(tmp_path):
     first, last = sum(train[:5]) / 5, sum(train[-5:]) / 5
     assert last < first - LOSS_DROP, (first, last)
     assert any(r["split"] == "valid" for r in log)
+    aligned = [json.loads(line) for line in (out / "train" / "align.jsonl").read_text().splitlines()]
+    assert aligned[-1]["step"] == 10 and aligned[-1]["ctc"] > 0
 
     model = out / "model"
     manifest = json.loads((model / "salmonn.json").read_text())
@@ -95,7 +97,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",
         "--threads", "1", "--run", str(out / "train"))
     text = report.read_text()
-    for heading in ("## Held-out scores", "## Training", "## Held-out examples"):
+    for heading in ("## Held-out scores", "## Training", "- CTC alignment", "## Held-out examples"):
         assert heading in text
     assert "wer" in text and "sound-event accuracy" in text
 

@@ -652,3 +652,24 @@ def test_trimmed_clip_features_equal_the_full_window(tiny_model):
                                             n_samples=int(round(config.max_seconds * config.sample_rate)))
         assert mel.shape == full.shape and np.array_equal(mel, full), n
         assert np.array_equal(fbank, features.beats_fbank(wave))
+
+
+def test_ctc_loss_kept_in_the_lm_stage(base, tmp_path):
+    """`[align] lm_weight`: the CTC loss stays in the LM stage's objective: logged per step as `ctc`, the
+    logged LM loss of the first step unchanged (same start), the trained connector different."""
+    def config(name: str, lm_weight: float) -> dict:
+        raw = run_config(base, tmp_path / name, model={"lora_dropout": 0.0, "qformer_dropout": 0.0, "trim_windows": True},
+                         optim={"max_steps": 3, "batch_size": 2}, run={"cache_encoders": True})
+        raw["align"] = {"steps": 5, "lr": 1e-2, "batch_size": 2, "lm_weight": lm_weight}
+        return raw
+
+    with pytest.raises(ConfigError, match="lm_weight"):
+        TrainConfig.from_dict({**config("bad", 1.0), "align": {"steps": 0, "lm_weight": 1.0}})
+    plain = train_in_process(config("plain", 0.0))
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "align.pth").write_bytes((plain.parent / "align.pth").read_bytes())
+    kept = train_in_process(config("kept", 1.0))
+    plain_log, kept_log = read_log(plain.parent), read_log(kept.parent)
+    assert all("ctc" not in r for r in plain_log) and all(r["ctc"] > 0 for r in kept_log), kept_log
+    assert plain_log[0]["loss"] == kept_log[0]["loss"]
+    assert max_diff(trained(plain), trained(kept)) > 0

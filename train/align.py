@@ -14,6 +14,8 @@ other. A target longer than the clip's audio tokens cannot be aligned and adds n
 (`zero_infinity`): the windows must be short enough (nano: 0.167 s, ~6 tokens a second of speech).
 
 Only the connector trains here (LayerNorms, Q-Former, projection), not LoRA nor a trainable BEATs.
+With `[align] lm_weight` > 0 the same CTC loss (`CtcObjective`, the head frozen) stays in the LM stage's
+objective at that weight, so the connector keeps learning to spell the words while the LLM learns to read.
 Its result, OUT_DIR/align.pth, holds the trainable tensors in the official key layout (LoRA as
 initialised) and the CTC head; a run
 that finds the file loads it instead of aligning again (alignment itself is not resumable mid-way:
@@ -163,3 +165,30 @@ def alignment_set(dataset: AnnotationDataset, tasks: list[str]) -> AnnotationDat
     return AnnotationDataset(ctc_targets(dataset.samples, tasks), dataset.prompts, dataset.config,
                              dataset.tokenizer, dataset.max_txt_len, dataset.seed)
 
+
+
+def target_classes(dataset: AnnotationDataset, head: CtcHead, eos_token_id: int) -> dict[tuple[str, ...], list[int]]:
+    """Clip key -> its CTC target as head classes, for the clips of an alignment set."""
+    return {(s.path, *s.expand_wav): head.classes([t for t in dataset._tokens(s.text) if t != eos_token_id])
+            for s in dataset.samples}
+
+
+class CtcObjective(nn.Module):
+    """The alignment's CTC loss during the LM stage: summed over the samples of a batch whose clip has a
+    target (other samples add nothing), in nats per clip, like the LM loss's per-token sums."""
+
+    def __init__(self, head: CtcHead, targets: dict[tuple[str, ...], list[int]]):
+        super().__init__()
+        self.head = head.requires_grad_(False)
+        self.targets = targets
+
+    def forward(self, audio_embeds: torch.Tensor, clips: list[tuple[str, ...]], counts: list[int]) -> torch.Tensor:
+        rows = [i for i, clip in enumerate(clips) if clip in self.targets]
+        if not rows:
+            return audio_embeds.new_zeros((), dtype=torch.float32)
+        targets = [self.targets[clips[i]] for i in rows]
+        log_probs = self.head(audio_embeds[rows])
+        device = audio_embeds.device
+        return F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
+                          torch.tensor([counts[i] for i in rows]), torch.tensor([len(t) for t in targets]),
+                          blank=0, reduction="sum", zero_infinity=True)

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from salmonn_cli.config import SalmonnConfig
-from train.align import ALIGN_LOG_NAME, ALIGN_NAME, align, alignment_set, load_alignment, save_alignment
+from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, CtcHead, CtcObjective, align, alignment_set, load_alignment,
+                         save_alignment, target_classes)
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
@@ -292,13 +293,14 @@ def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDa
 
 
 def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train_set: AnnotationDataset,
-                  cache: FrozenEncoderCache | None, autocast, d: Dist) -> None:
+                  cache: FrozenEncoderCache | None, autocast, d: Dist, resume: bool) -> CtcHead:
     """`[align]`: the CTC warm-up of the connector (train/align.py), or its saved result."""
     out_dir = Path(cfg.run.out_dir)
     aligned = out_dir / ALIGN_NAME
     if aligned.is_file():
-        load_alignment(aligned, model)
-        return
+        return load_alignment(aligned, model)
+    if resume:
+        raise ConfigError(f"--resume: {aligned} (the [align] result this run started from) is missing")
     a, o = cfg.align, cfg.optim
     log = JsonlLog(out_dir / ALIGN_LOG_NAME, d.is_main, None)
     head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
@@ -306,6 +308,7 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
                  eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write)
     if d.is_main:
         save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()})
+    return head
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -358,9 +361,13 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     def autocast():
         return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
-    if cfg.align.steps and not resume:      # on resume the checkpoint holds the connector already
-        run_alignment(cfg, model, config, train_set, cache, autocast, d)
-    trainer = TrainingModel(model, cache)
+    ctc = None
+    if cfg.align.steps:                     # on resume the checkpoint loaded below replaces the connector
+        head = run_alignment(cfg, model, config, train_set, cache, autocast, d, resume)
+        if cfg.align.lm_weight > 0:
+            targets = target_classes(alignment_set(train_set, cfg.align.tasks), head, config.llm.eos_token_id)
+            ctc = CtcObjective(head.to(d.device), targets)
+    trainer = TrainingModel(model, cache, ctc)
     net = trainer
     if d.world_size > 1:
         # the frozen bases are loaded from the same files everywhere: no need to broadcast them
@@ -441,16 +448,18 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             local_tokens = sum(b.n_tokens(config) for b in micro_batches)
             global_targets, global_tokens = d.sum(sum(b.n_targets for b in micro_batches), local_tokens)
             lr = schedule.set(step)
-            ce_total, correct_total = 0.0, 0.0
+            ce_total, correct_total, ctc_total = 0.0, 0.0, 0.0
             for k, batch in enumerate(micro_batches):
                 last_micro = k == len(micro_batches) - 1
                 no_sync = net.no_sync() if d.world_size > 1 and not last_micro else nullcontext()
                 with no_sync:
                     with autocast():
-                        ce_sum, _, correct = net(batch)
+                        ce_sum, _, correct, ctc_sum = net(batch)
+                        objective = ce_sum + cfg.align.lm_weight * ctc_sum if ctc is not None else ce_sum
                     # DDP averages gradients over processes; scaling by world size turns that into a sum
-                    scaler.scale(ce_sum * d.world_size / global_targets).backward()
+                    scaler.scale(objective * d.world_size / global_targets).backward()
                 ce_total += float(ce_sum.detach())
+                ctc_total += float(ctc_sum.detach())
                 correct_total += float(correct)
             scaler.unscale_(optimizer)
             if o.grad_clip > 0:
@@ -463,12 +472,14 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             optimizer.zero_grad(set_to_none=True)
 
             done = step + 1
-            ce_total, correct_total = d.sum(ce_total, correct_total)
+            ce_total, correct_total, ctc_total = d.sum(ce_total, correct_total, ctc_total)
             seconds = time.perf_counter() - started
             record = {"step": done, "split": "train", "loss": ce_total / global_targets,
                       "accuracy": correct_total / global_targets, "lr": lr, "grad_norm": grad_norm,
                       "target_tokens": int(global_targets), "tokens_per_s": global_tokens / seconds,
                       "seconds": seconds}
+            if ctc is not None:
+                record["ctc"] = ctc_total / global_targets      # CTC nats per answer token, as the objective adds it
             log.write(record)
             if progress is not None:
                 progress.update(task, completed=done, info=f"loss {record['loss']:.4f}  lr {lr:.2e}  "

@@ -171,20 +171,27 @@ def swap_audio(audio_embeds: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 class TrainingModel(nn.Module):
-    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct)."""
+    """What DistributedDataParallel wraps: forward(batch) -> (ce_sum, n_targets, n_correct, ctc_sum);
+    ctc_sum is `ctc`'s loss on the batch's audio (train/align.py `CtcObjective`), 0 without one."""
 
-    def __init__(self, model: Salmonn, encoder_cache: FrozenEncoderCache | None = None):
+    def __init__(self, model: Salmonn, encoder_cache: FrozenEncoderCache | None = None,
+                 ctc: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.encoder_cache = encoder_cache
+        self.ctc = ctc
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """The batch's audio embeddings, the frozen encoders' outputs taken from the cache if any."""
         cache = self.encoder_cache if len(batch.clips) == len(batch) else None
         return encode_batch(self.model, batch.mel, batch.fbanks, batch.clips, cache)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.loss_sums(batch, self.encode(batch))
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        audio = self.encode(batch)
+        ce_sum, n_targets, n_correct = self.loss_sums(batch, audio)
+        if self.ctc is None:
+            return ce_sum, n_targets, n_correct, torch.zeros((), device=audio.device)
+        return ce_sum, n_targets, n_correct, self.ctc(audio, batch.clips, audio_token_counts(self.model, audio, batch))
 
     def loss_sums(self, batch: Batch, audio_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` on audio embeddings already computed (validation also scores them swapped)."""

@@ -116,6 +116,7 @@ class AlignSection:
     lr: float = 3e-3
     batch_size: int = 16
     tasks: list[str] = field(default_factory=lambda: ["asr", "audiocaption"])   # target per clip, by preference
+    lm_weight: float = 0.0          # the CTC loss kept in the LM stage's objective at this weight; 0 = off
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -174,6 +175,8 @@ class TrainConfig:
         a = self.align
         if a.steps < 0 or a.batch_size < 1 or not 0 < a.lr < float("inf") or not a.tasks:
             raise ConfigError("[align] steps must be >= 0, batch_size >= 1, lr a positive number and tasks not empty")
+        if not 0 <= a.lm_weight < float("inf") or (a.lm_weight > 0 and a.steps == 0):
+            raise ConfigError("[align] lm_weight must be a finite number >= 0, and needs steps > 0 (the CTC head)")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 
