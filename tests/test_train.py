@@ -293,7 +293,7 @@ def test_frozen_encoders_stay_in_eval_mode_and_get_no_gradient(tiny_model, base)
     prompts = read_prompts(STAGES / "prompts.json", config)
     dataset = AnnotationDataset(read_annotations(base / "train.json"), prompts, config,
                                 Tokenizer(base / "base/vicuna"), 300, seed=0)
-    ce_sum, _, _ = trainer(collate([dataset[(0, 0)], dataset[(2, 1)]]))
+    ce_sum, *_ = trainer(collate([dataset[(0, 0)], dataset[(2, 1)]]))
     ce_sum.backward()
     for name, param in model.named_parameters():
         assert (param.grad is not None) == param.requires_grad, name
