@@ -88,6 +88,15 @@ class CtcHead(nn.Module):
         return [int(self.ids[c - 1]) for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
 
 
+def ctc_loss(log_probs: torch.Tensor, targets: list[list[int]], counts: list[int], reduction: str) -> torch.Tensor:
+    """CTC of (B, T, 1 + V) log-probabilities (blank 0) against each sample's target classes; a target
+    that cannot fit its sample's `counts` tokens adds nothing."""
+    device = log_probs.device
+    return F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
+                      torch.tensor(counts), torch.tensor([len(t) for t in targets]), blank=0,
+                      reduction=reduction, zero_infinity=True)
+
+
 def lr_factor(step: int, steps: int) -> float:
     warmup = max(1, int(steps * WARMUP_FRACTION))
     if step < warmup:
@@ -124,9 +133,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
             tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
             log_probs = head(tokens)
         targets = [head.classes([t for t in answer if t != eos_token_id]) for answer in batch.answer_ids]
-        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
-                          torch.tensor(audio_token_counts(model, tokens, batch)),
-                          torch.tensor([len(t) for t in targets]), blank=0, zero_infinity=True)
+        loss = ctc_loss(log_probs, targets, audio_token_counts(model, tokens, batch), "mean")
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -186,9 +193,5 @@ class CtcObjective(nn.Module):
         rows = [i for i, clip in enumerate(clips) if clip in self.targets]
         if not rows:
             return audio_embeds.new_zeros((), dtype=torch.float32)
-        targets = [self.targets[clips[i]] for i in rows]
-        log_probs = self.head(audio_embeds[rows])
-        device = audio_embeds.device
-        return F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
-                          torch.tensor([counts[i] for i in rows]), torch.tensor([len(t) for t in targets]),
-                          blank=0, reduction="sum", zero_infinity=True)
+        return ctc_loss(self.head(audio_embeds[rows]), [self.targets[clips[i]] for i in rows],
+                        [counts[i] for i in rows], "sum")
