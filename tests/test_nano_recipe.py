@@ -94,12 +94,17 @@ def test_quick_recipe_end_to_end(tmp_path):
     assert float(np.abs(embeddings[0] - embeddings[1]).max()) <= PACKAGED_EMBED_ATOL
 
     report = tmp_path / "REPORT.md"
+    answers = tmp_path / "answers.json"
     run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",
-        "--threads", "1", "--run", str(out / "train"))
+        "--threads", "1", "--run", str(out / "train"), "--answers", str(answers))
     text = report.read_text()
     for heading in ("## Held-out scores", "## Training", "- CTC alignment", "## Held-out examples"):
         assert heading in text
     assert "wer" in text and "sound-event accuracy" in text
+    rows = json.loads(answers.read_text())
+    assert len(rows) == 6 and all(isinstance(row["answer"], str) for row in rows)
+    assert all(("words" in row) == (row["metric"] == "wer") and ("correct" in row) == (row["metric"] == "event")
+               for row in rows)
 
 
 def test_train_beats_saves_the_trained_beats_beside_the_checkpoint(base, tmp_path):

@@ -235,6 +235,42 @@ def test_sample_order_is_seeded_and_split_over_processes():
     assert one.data_position(3) == two.data_position(3) == 12
 
 
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
+    lengths = list(np.random.default_rng(0).integers(5, 200, size=1000))
+    grouped = SampleStream(1000, seed=3, lengths=lengths, group=8)
+    plain = SampleStream(1000, seed=3)
+    for epoch in range(2):
+        assert sorted(grouped[p] for p in range(1000 * epoch, 1000 * (epoch + 1))) == list(range(1000))
+    assert [grouped[p] for p in range(1000)] != [grouped[p] for p in range(1000, 2000)]
+    assert [SampleStream(1000, seed=3, lengths=lengths, group=8)[p] for p in range(50)] == [grouped[p] for p in range(50)]
+
+    def padded_positions(stream):
+        batches = np.array([lengths[stream[p]] for p in range(992)]).reshape(-1, 8)
+        return int((batches.max(axis=1, keepdims=True) - batches).sum())
+    assert padded_positions(grouped) < 0.1 * padded_positions(plain)
+    # the batches still come in a shuffled order, not short to long within a chunk
+    means = [np.mean([lengths[grouped[p]] for p in range(b * 8, b * 8 + 8)]) for b in range(64)]
+    assert means != sorted(means)
+    with pytest.raises(ValueError):
+        SampleStream(10, seed=0, lengths=[1] * 9, group=2)
+
+
+def test_approx_lengths_count_audio_question_and_answer_tokens(tiny_model, base):
+    from train.data import AnnotationDataset, Tokenizer
+
+    model, config = tiny_model
+    samples = read_annotations(base / "train.json")
+    tokenizer = Tokenizer(base / "base/vicuna")
+    dataset = AnnotationDataset(samples, read_prompts(STAGES / "prompts.json", config), config, tokenizer, 300, seed=0)
+    from salmonn_cli.trim import audio_token_count, clip_fbank_frames
+    audio_tokens = audio_token_count(config, clip_fbank_frames(config, int(1.2 * SAMPLE_RATE)))
+    assert dataset.approx_lengths() == [audio_tokens + len(tokenizer.encode(s.question)) + len(tokenizer.encode(s.text))
+                                        for s in samples]
+    missing = AnnotationDataset([Sample(path=str(base / "nowhere.wav"), text="a")], dataset.prompts, config,
+                                tokenizer, 300, seed=0)
+    assert missing.approx_lengths() == [audio_token_count(config, clip_fbank_frames(config, 0)) + len(tokenizer.encode("a"))]
+
 # --- the loss (§7.3) -----------------------------------------------------------------------------
 
 def test_loss_masking_on_a_hand_checked_batch(tiny_model):
@@ -634,6 +670,48 @@ def test_alignment_learns_the_targets_and_the_lm_stage_starts_from_it(base, tmp_
     assert not (again / "align.jsonl").exists()
     assert max_diff(trained(first), trained(second)) == 0.0
 
+
+
+def test_tag_head_pools_each_clip_over_its_own_tokens_only():
+    from train.align import TagHead
+
+    torch.manual_seed(0)
+    head = TagHead(6, ["", "bell", "siren"])
+    tokens = torch.randn(2, 5, 6)
+    padded = tokens.clone()
+    padded[0, 3:] = 100.0                              # beyond clip 0's 3 tokens: must not count
+    assert torch.allclose(head(tokens, [3, 5]), head(padded, [3, 5]))
+    assert torch.allclose(head(tokens[:1, :3], [3])[0], head(tokens, [3, 5])[0])
+
+
+def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeypatch):
+    """`[align] tag_field`: a TagHead learns each clip's class from the field (entries without it: "")
+    beside the CTC loss; the log shows its loss falling and every clip of the last steps named right.
+    (The LM step after it reads length-grouped batches: `[data] group_by_length`.)"""
+    import train.align as align_module
+
+    monkeypatch.setattr(align_module, "LOG_EVERY", 10)
+    entries = json.loads((base / "train.json").read_text())["annotation"]
+    tagged = tmp_path / "tagged.json"
+    tagged.write_text(json.dumps({"annotation": [{**e, "event": "high"} if e["path"] == "clip0.wav" else e
+                                                 for e in entries]}))
+    for name in TONES:
+        (tmp_path / name).symlink_to(base / name)
+    assert align_module.clip_tags(tagged, "event") == {(str(tmp_path / "clip0.wav"),): "high",
+                                                      (str(tmp_path / "clip1.wav"),): "",
+                                                      (str(tmp_path / "clip2.wav"),): ""}
+    raw = run_config(base, tmp_path / "run", model={"qformer_dropout": 0.0, "trim_windows": True},
+                     data={"train": str(tagged), "group_by_length": True}, optim={"max_steps": 1, "batch_size": 2},
+                     run={"cache_encoders": True})
+    raw["align"] = {"steps": 40, "lr": 1e-2, "batch_size": 2, "tag_field": "event", "tag_weight": 1.0}
+    with pytest.raises(ConfigError, match="tag_weight"):
+        TrainConfig.from_dict({**raw, "align": {"steps": 1, "tag_weight": -1.0}})
+    train_in_process(raw)
+    log = [json.loads(line) for line in (tmp_path / "run" / "align.jsonl").read_text().splitlines()]
+    assert log[-1]["tag"] < 0.2 * log[0]["tag"] and log[-1]["tag_accuracy"] == 1.0, log
+    saved = torch.load(tmp_path / "run" / align_module.ALIGN_NAME, weights_only=True)
+    assert saved["tag_classes"] == ["", "high"] and set(saved["tag_head"]) == {"attention.weight", "attention.bias",
+                                                                               "classifier.weight", "classifier.bias"}
 
 def test_trimmed_clip_features_equal_the_full_window(tiny_model):
     """With trim_windows the log-mel is computed over the clip and a little padding only: bitwise the

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import soundfile
 import torch
 
 from salmonn_cli import audio, features
 from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.prompt import prompt_token_ids
-from salmonn_cli.trim import audio_token_count, mel_frame_count
+from salmonn_cli.trim import audio_token_count, clip_fbank_frames, max_samples, mel_frame_count
 
 DEFAULT_TASK = "asr"
 EXPAND_GAP_SAMPLES = 1600       # zeros between a clip and each `expand_wav` (0.1 s at 16 kHz)
@@ -232,6 +233,28 @@ class AnnotationDataset(torch.utils.data.Dataset):
     def _tokens(self, text: str, special: bool = False) -> list[int]:
         return _cached_encode(self.tokenizer, text, special)
 
+    def approx_lengths(self) -> list[int]:
+        """Each sample's LLM positions without the prompt template: its audio tokens (from the clips'
+        durations in their file headers) plus its question and answer tokens. What `[data]
+        group_by_length` sorts by; a clip whose header cannot be read counts as empty."""
+        cfg = self.config
+        lengths = []
+        for sample in self.samples:
+            seconds = sum(_header_seconds(p) for p in (sample.path, *sample.expand_wav))
+            n_samples = min(int(seconds * cfg.sample_rate), max_samples(cfg))
+            lengths.append(audio_token_count(cfg, clip_fbank_frames(cfg, n_samples)) +
+                           len(self._tokens(sample.question)) + len(self._tokens(sample.text)))
+        return lengths
+
+
+@lru_cache(maxsize=65536)
+def _header_seconds(path: str) -> float:
+    try:
+        info = soundfile.info(path)
+    except (OSError, RuntimeError, soundfile.LibsndfileError):
+        return 0.0
+    return info.frames / info.samplerate
+
 
 @lru_cache(maxsize=4096)
 def _cached_encode(tokenizer: Tokenizer, text: str, special: bool) -> list[int]:
@@ -282,14 +305,37 @@ def collate(items: list[Item]) -> Batch:
 # --- order ---------------------------------------------------------------------------------------
 
 class SampleStream:
-    """Stream position -> sample index: a fresh seeded permutation for every epoch."""
+    """Stream position -> sample index: a fresh seeded permutation for every epoch.
 
-    def __init__(self, n_samples: int, seed: int):
+    With `lengths` and `group` (a micro-batch size), each run of `group` consecutive positions holds
+    samples of similar length, so that a right-padded batch wastes few LLM positions: the epoch's
+    permutation is cut into chunks of GROUP_CHUNK micro-batches, each chunk sorted by length, cut into
+    micro-batches, and those shuffled within the chunk. Still a function of (seed, epoch) alone.
+    """
+
+    GROUP_CHUNK = 64
+
+    def __init__(self, n_samples: int, seed: int, lengths: list[int] | None = None, group: int = 0):
+        if lengths is not None and len(lengths) != n_samples:
+            raise ValueError(f"{len(lengths)} lengths for {n_samples} samples")
         self.n, self.seed = n_samples, seed
+        self.lengths = np.asarray(lengths) if lengths is not None and group > 1 else None
+        self.group = group
 
     @lru_cache(maxsize=4)
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n)
+        if self.lengths is None:
+            return order
+        chunk = self.group * self.GROUP_CHUNK
+        grouped = []
+        for start in range(0, self.n, chunk):
+            part = order[start:start + chunk]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches = [part[i:i + self.group] for i in range(0, len(part), self.group)]
+            grouped += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(grouped)
 
     def __getitem__(self, position: int) -> int:
         return int(self._permutation(position // self.n)[position % self.n])

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from salmonn_cli.config import SalmonnConfig
-from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, CtcHead, CtcObjective, align, alignment_set, load_alignment,
-                         save_alignment, target_classes)
+from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, CtcHead, CtcObjective, align, alignment_set, clip_tags,
+                         load_alignment, save_alignment, target_classes)
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
@@ -303,11 +303,13 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
         raise ConfigError(f"--resume: {aligned} (the [align] result this run started from) is missing")
     a, o = cfg.align, cfg.optim
     log = JsonlLog(out_dir / ALIGN_LOG_NAME, d.is_main, None)
-    head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+    head, tag_head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
                  weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
-                 eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write)
+                 eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
+                 tags=clip_tags(cfg.data.train, a.tag_field) if a.tag_field else None, tag_weight=a.tag_weight)
     if d.is_main:
-        save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()})
+        save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()},
+                       tag_head)
     return head
 
 
@@ -381,7 +383,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     schedule = WarmupCosineSchedule(optimizer, o)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     plan = StepPlan(o.batch_size, o.accum_steps, d.world_size)
-    stream = SampleStream(len(train_set), r.seed)
+    stream = SampleStream(len(train_set), r.seed, train_set.approx_lengths() if cfg.data.group_by_length else None,
+                          o.batch_size)
 
     start_step, best_accuracy = 0, None
     if resume:

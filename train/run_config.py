@@ -74,6 +74,8 @@ class DataSection:
     valid: str = ""                 # optional, same format
     prompts: str = "train/stages/prompts.json"
     num_workers: int = 0            # DataLoader worker processes computing features
+    # batches of samples of similar length (train/data.py SampleStream): less right-padding in the LLM
+    group_by_length: bool = False
 
 
 @dataclass
@@ -117,6 +119,8 @@ class AlignSection:
     batch_size: int = 16
     tasks: list[str] = field(default_factory=lambda: ["asr", "audiocaption"])   # target per clip, by preference
     lm_weight: float = 0.0          # the CTC loss kept in the LM stage's objective at this weight; 0 = off
+    tag_field: str = ""             # annotation field naming a clip's sound class: learned by a TagHead too; "" = off
+    tag_weight: float = 1.0         # that head's cross-entropy weight beside the CTC loss
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -177,6 +181,8 @@ class TrainConfig:
             raise ConfigError("[align] steps must be >= 0, batch_size >= 1, lr a positive number and tasks not empty")
         if not 0 <= a.lm_weight < float("inf") or (a.lm_weight > 0 and a.steps == 0):
             raise ConfigError("[align] lm_weight must be a finite number >= 0, and needs steps > 0 (the CTC head)")
+        if not 0 <= a.tag_weight < float("inf"):
+            raise ConfigError(f"[align] tag_weight must be a finite number >= 0, not {a.tag_weight}")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 

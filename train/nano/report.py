@@ -1,10 +1,12 @@
 """Evaluate an exported salmonn-nano model with the runtime (`salmonn ask`, torch-free) and write a report.
 
     python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N]
+                                [--answers ANSWERS.json]
 
 Scores the held-out `test.json` (WER on the held-out voice, sound-event accuracy; train/nano/evaluate.py)
 and prints the answers on the real clips (../shared/fixtures/audio, /usr/share/sounds/alsa) verbatim.
-With `--run` the training log's summary (steps, losses, seconds per step) is included.
+With `--run` the training log's summary (steps, losses, seconds per step) is included. `--answers` also
+writes every held-out entry with the model's answer and whether it scored (for finding what fails).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.nano.evaluate import read_entries, score
+from train.nano.evaluate import event_correct, read_entries, score, word_errors
 
 SPEECH_PREFIX = "<Speech><SpeechHere></Speech>"
 REAL_CLIP_DIRS = (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "audio",
@@ -101,8 +103,28 @@ def _mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / max(len(records), 1)
 
 
+def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
+    """Each entry with its answer and its own score: `word_errors` for WER entries, `correct` for events."""
+    rows = []
+    for entry, answer in zip(entries, answers):
+        row = {**entry, "answer": answer}
+        if entry.get("metric") == "wer":
+            row["word_errors"], row["words"] = word_errors(entry["text"], answer)
+        elif entry.get("metric") == "event":
+            row["correct"] = event_correct(answer, entry["event"])
+        rows.append(row)
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+
+
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
-                 limit: int | None = None, threads: int | None = None) -> Path:
+                 limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None) -> Path:
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     entries = read_entries(data_dir / "test.json")
     if limit:
@@ -110,6 +132,8 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
     started = time.perf_counter()
     answers = answer_entries(model_dir, data_dir, entries, threads)
     scores = score(entries, answers)
+    if answers_out:
+        write_atomic(Path(answers_out), json.dumps(scored_answers(entries, answers), indent=1, ensure_ascii=False) + "\n")
     lines = ["# salmonn-nano evaluation", "",
              f"Model `{model_dir}`, held-out set `{data_dir / 'test.json'}` ({len(entries)} entries), "
              f"`salmonn ask` greedy, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
@@ -133,8 +157,7 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
                 lines.append(f"- `{clip.name}`: {answer!r}")
             lines.append("")
     text = "\n".join(lines).rstrip() + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    write_atomic(out, text)
     print(text)
     return out
 
@@ -147,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="training run folder (log.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test entries")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
-        write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads)
+        write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads,
+                     answers_out=args.answers)
     except ReportError as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
