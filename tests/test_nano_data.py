@@ -254,4 +254,5 @@ def test_score_of_perfect_answers(quick_set):
     result = evaluate.score(test, [e["text"] for e in test])
     assert result["wer"] == 0 and result["event_accuracy"] == 1
     assert result["n_wer"] == result["n_wer_clean"] + result["n_wer_mix"]
-    assert result["n_event"] == sum(e["metric"] == "event" for e in test)
+    assert result["n_event"] == sum(e["metric"] == "event" for e in test) == result["n_event_event"] + result["n_event_mix"]
+    assert result["event_accuracy_event"] == result["event_accuracy_mix"] == 1

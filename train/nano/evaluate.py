@@ -205,7 +205,8 @@ def read_entries(annotation_file: str | Path) -> list[dict]:
 
 def score(entries: list[dict], answers: list[str]) -> dict:
     """WER over the "wer" entries (all, and split into clean speech / speech over events) and event
-    accuracy over the "event" entries; counts alongside."""
+    accuracy over the "event" entries (all, and split into event clips / backgrounds behind speech:
+    `event_accuracy_event`, `event_accuracy_mix`); counts alongside."""
     if len(entries) != len(answers):
         raise ValueError(f"{len(entries)} entries but {len(answers)} answers")
     result: dict = {}
@@ -216,8 +217,11 @@ def score(entries: list[dict], answers: list[str]) -> dict:
         if pairs:
             result[name] = word_error_rate([e["text"] for e, _ in pairs], [a for _, a in pairs])
             result[f"n_{name}"] = len(pairs)
-    events = [(e, a) for e, a in zip(entries, answers) if e.get("metric") == "event"]
-    if events:
-        result["event_accuracy"] = event_accuracy([a for _, a in events], [e["event"] for e, _ in events])
-        result["n_event"] = len(events)
+    events = {"event_accuracy": [(e, a) for e, a in zip(entries, answers) if e.get("metric") == "event"]}
+    events["event_accuracy_event"] = [(e, a) for e, a in events["event_accuracy"] if e.get("kind") == "event"]
+    events["event_accuracy_mix"] = [(e, a) for e, a in events["event_accuracy"] if e.get("kind") == "mix"]
+    for name, pairs in events.items():
+        if pairs:
+            result[name] = event_accuracy([a for _, a in pairs], [e["event"] for e, _ in pairs])
+            result[name.replace("event_accuracy", "n_event")] = len(pairs)
     return result

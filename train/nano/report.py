@@ -143,6 +143,9 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
             lines.append(f"- {key}: {scores[key] * 100:.1f} % ({scores['n_' + key]} clips, held-out voice)")
     if "event_accuracy" in scores:
         lines.append(f"- sound-event accuracy: {scores['event_accuracy'] * 100:.1f} % ({scores['n_event']} questions)")
+        for key, what in (("event", "clips of a sound alone"), ("mix", "the sound behind speech")):
+            if f"event_accuracy_{key}" in scores:
+                lines.append(f"  - {what}: {scores['event_accuracy_' + key] * 100:.1f} % ({scores['n_event_' + key]} questions)")
     lines += [""] + (training_summary(Path(run_dir)) if run_dir else [])
     lines += ["## Held-out examples", ""]
     for entry, answer in list(zip(entries, answers))[:12]:
