@@ -706,6 +706,11 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
     raw["align"] = {"steps": 40, "lr": 1e-2, "batch_size": 2, "tag_field": "event", "tag_weight": 1.0}
     with pytest.raises(ConfigError, match="tag_weight"):
         TrainConfig.from_dict({**raw, "align": {"steps": 1, "tag_weight": -1.0}})
+    with pytest.raises(ConfigError, match="tag_field needs steps"):
+        TrainConfig.from_dict({**raw, "align": {"steps": 0, "tag_field": "event"}})
+    with pytest.raises(ConfigError, match="no entry"):
+        train_in_process({**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "misspelt")},
+                          "align": {**raw["align"], "tag_field": "evnt"}})
     train_in_process(raw)
     log = [json.loads(line) for line in (tmp_path / "run" / "align.jsonl").read_text().splitlines()]
     assert log[-1]["tag"] < 0.2 * log[0]["tag"] and log[-1]["tag_accuracy"] == 1.0, log

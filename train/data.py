@@ -251,7 +251,7 @@ class AnnotationDataset(torch.utils.data.Dataset):
 def _header_seconds(path: str) -> float:
     try:
         info = soundfile.info(path)
-    except (OSError, RuntimeError, soundfile.LibsndfileError):
+    except (OSError, RuntimeError):          # LibsndfileError is a RuntimeError
         return 0.0
     return info.frames / info.samplerate
 

@@ -303,10 +303,13 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
         raise ConfigError(f"--resume: {aligned} (the [align] result this run started from) is missing")
     a, o = cfg.align, cfg.optim
     log = JsonlLog(out_dir / ALIGN_LOG_NAME, d.is_main, None)
+    tags = clip_tags(cfg.data.train, a.tag_field) if a.tag_field else None
+    if tags is not None and not any(tags.values()):
+        raise ConfigError(f"[align] tag_field {a.tag_field!r}: no entry of {cfg.data.train} has that field")
     head, tag_head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                 weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
-                 eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
-                 tags=clip_tags(cfg.data.train, a.tag_field) if a.tag_field else None, tag_weight=a.tag_weight)
+                           weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
+                           eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
+                           tags=tags, tag_weight=a.tag_weight)
     if d.is_main:
         save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()},
                        tag_head)

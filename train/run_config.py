@@ -183,6 +183,8 @@ class TrainConfig:
             raise ConfigError("[align] lm_weight must be a finite number >= 0, and needs steps > 0 (the CTC head)")
         if not 0 <= a.tag_weight < float("inf"):
             raise ConfigError(f"[align] tag_weight must be a finite number >= 0, not {a.tag_weight}")
+        if a.tag_field and a.steps == 0:
+            raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 

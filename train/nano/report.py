@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from salmonn_cli.errors import SalmonnError
+from salmonn_cli.subtitles import atomic_output
 from train.nano.evaluate import event_correct, read_entries, score, word_errors
 
 SPEECH_PREFIX = "<Speech><SpeechHere></Speech>"
@@ -118,9 +120,8 @@ def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    with atomic_output(path) as stream:
+        stream.write(text)
 
 
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads,
                      answers_out=args.answers)
-    except ReportError as exc:
+    except (ReportError, SalmonnError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
     return 0
