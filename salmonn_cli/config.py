@@ -139,6 +139,12 @@ class SalmonnConfig:
     # (salmonn-nano: the RMS of its LLM's token embeddings, so that the audio cannot grow into a
     # huge-norm token the LLM learns to ignore). None = the official unscaled projection.
     audio_token_rms: float | None = None
+    # Not official: > 0 appends one clip-level token after the window tokens of each clip: the fused
+    # frames, each with the log-mel columns under it, attention-pooled through an MLP of this hidden width
+    # (train/model.py `ClipTokenHead`), so that what lasts through the clip (a sound behind the speech)
+    # reaches the LLM in one token.
+    # 0 = the official window tokens only.
+    clip_token_hidden: int = 0
     # Prompt: `prompt_template` wraps the instruction; `speech_tag` is the instruction's audio part,
     # and `audio_placeholder` marks where the audio embeddings go.
     prompt_template: str = VICUNA_PROMPT_TEMPLATE
@@ -172,12 +178,22 @@ class SalmonnConfig:
         return (self.encoder_frames - self.window_frames) // self.stride_frames + 1
 
     @property
+    def n_clip_tokens(self) -> int:
+        """Clip-level tokens after the window tokens: 1 with `clip_token_hidden`, else 0."""
+        return 1 if self.clip_token_hidden > 0 else 0
+
+    @property
     def n_audio_tokens(self) -> int:
-        return self.n_windows * self.qformer.num_query_tokens
+        return self.n_windows * self.qformer.num_query_tokens + self.n_clip_tokens
 
     @property
     def fused_width(self) -> int:
         return self.whisper.d_model + self.beats.encoder_embed_dim
+
+    @property
+    def mel_columns_per_frame(self) -> int:
+        """Log-mel columns under one fused (Whisper output) frame: Whisper's conv2 halves them."""
+        return self.whisper.n_mel_frames // self.encoder_frames
 
     def prompt_pieces(self, instruction: str) -> tuple[str, str]:
         """Text before and after the audio embeddings, as the official code splits them."""

@@ -161,6 +161,8 @@ def check_config(config: SalmonnConfig) -> None:
         config.prompt_template.format("")
     except (ArithmeticError, ValueError, IndexError, KeyError) as e:
         raise ValueError(f"inconsistent config ({type(e).__name__}: {e})") from None
+    if config.clip_token_hidden < 0:
+        raise ValueError("inconsistent config: clip_token_hidden is negative")
     if n_tokens < 1 or config.sample_rate < 1 or not 0 <= config.min_seconds <= config.max_seconds:
         raise ValueError("inconsistent config: no audio would reach the model")
 

@@ -50,8 +50,14 @@ def window_count(config: SalmonnConfig, fbank_frames: int) -> int:
     return min(n_windows, config.n_windows)
 
 
-def audio_token_count(config: SalmonnConfig, fbank_frames: int) -> int:
+def window_token_count(config: SalmonnConfig, fbank_frames: int) -> int:
+    """The Q-Former's tokens of a clip: its windows times the queries per window."""
     return window_count(config, fbank_frames) * config.qformer.num_query_tokens
+
+
+def audio_token_count(config: SalmonnConfig, fbank_frames: int) -> int:
+    """All the audio embeddings of a clip: its window tokens, then its clip token if the config has one."""
+    return window_token_count(config, fbank_frames) + config.n_clip_tokens
 
 
 def encoder_frame_count(config: SalmonnConfig, fbank_frames: int) -> int:
@@ -63,5 +69,4 @@ def encoder_frame_count(config: SalmonnConfig, fbank_frames: int) -> int:
 
 def mel_frame_count(config: SalmonnConfig, fbank_frames: int) -> int:
     """Log-mel columns Whisper reads (conv2 halves them): the first this many of the official mel."""
-    mel_per_frame = config.whisper.n_mel_frames // config.encoder_frames
-    return encoder_frame_count(config, fbank_frames) * mel_per_frame
+    return encoder_frame_count(config, fbank_frames) * config.mel_columns_per_frame

@@ -684,10 +684,12 @@ def test_tag_head_pools_each_clip_over_its_own_tokens_only():
     assert torch.allclose(head(tokens[:1, :3], [3])[0], head(tokens, [3, 5])[0])
 
 
-def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeypatch):
-    """`[align] tag_field`: a TagHead learns each clip's class from the field (entries without it: "")
-    beside the CTC loss; the log shows its loss falling and every clip of the last steps named right.
-    (The LM step after it reads length-grouped batches: `[data] group_by_length`.)"""
+@pytest.mark.parametrize("clip_token_hidden", [0, 16])
+def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeypatch, clip_token_hidden):
+    """`[align] tag_field`: a TagHead (with a clip token: a ClipTagHead on that token) learns each clip's
+    class from the field (entries without it: "") beside the CTC loss; the log shows its loss falling
+    and every clip of the last steps named right. (The LM step after it reads length-grouped batches:
+    `[data] group_by_length`.)"""
     import train.align as align_module
 
     monkeypatch.setattr(align_module, "LOG_EVERY", 10)
@@ -700,7 +702,8 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
     assert align_module.clip_tags(tagged, "event") == {(str(tmp_path / "clip0.wav"),): "high",
                                                       (str(tmp_path / "clip1.wav"),): "",
                                                       (str(tmp_path / "clip2.wav"),): ""}
-    raw = run_config(base, tmp_path / "run", model={"qformer_dropout": 0.0, "trim_windows": True},
+    raw = run_config(base, tmp_path / "run", model={"qformer_dropout": 0.0, "trim_windows": True,
+                                                    "clip_token_hidden": clip_token_hidden},
                      data={"train": str(tagged), "group_by_length": True}, optim={"max_steps": 1, "batch_size": 2},
                      run={"cache_encoders": True})
     raw["align"] = {"steps": 40, "lr": 1e-2, "batch_size": 2, "tag_field": "event", "tag_weight": 1.0}
@@ -715,8 +718,10 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
     log = [json.loads(line) for line in (tmp_path / "run" / "align.jsonl").read_text().splitlines()]
     assert log[-1]["tag"] < 0.2 * log[0]["tag"] and log[-1]["tag_accuracy"] == 1.0, log
     saved = torch.load(tmp_path / "run" / align_module.ALIGN_NAME, weights_only=True)
-    assert saved["tag_classes"] == ["", "high"] and set(saved["tag_head"]) == {"attention.weight", "attention.bias",
-                                                                               "classifier.weight", "classifier.bias"}
+    head_keys = ({"names", "none", "log_scale"} if clip_token_hidden else
+                 {"attention.weight", "attention.bias", "classifier.weight", "classifier.bias"})
+    assert saved["tag_classes"] == ["", "high"] and set(saved["tag_head"]) == head_keys
+    assert any(k.startswith("clip_token_head.") for k in saved["model"]) == bool(clip_token_hidden)
 
 def test_trimmed_clip_features_equal_the_full_window(tiny_model):
     """With trim_windows the log-mel is computed over the clip and a little padding only: bitwise the

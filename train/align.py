@@ -17,7 +17,10 @@ With `[align] tag_field` (an annotation field naming each clip's sound class, e.
 `TagHead` also learns to name that class from the clip's audio tokens (attention pooling over them),
 at `tag_weight`: CTC alone teaches speech clips' tokens to spell the words, and a sound behind the
 speech, which no transcript mentions, was then lost (nano: 9 % of background questions right).
-Clips without the field are class "" (nothing but speech).
+Clips without the field are class "" (nothing but speech). A model with a clip token
+(`[model] clip_token_hidden`) learns the class on that token instead (`ClipTagHead`): it is scored
+against the LLM's own input embedding of each class's name, so the token the LLM reads starts out
+looking like the word for the sound; the window tokens are then left to the CTC loss alone.
 
 Only the connector trains here (LayerNorms, Q-Former, projection), not LoRA nor a trainable BEATs.
 With `[align] lm_weight` > 0 the same CTC loss (`CtcObjective`, the head frozen) stays in the LM stage's
@@ -43,7 +46,7 @@ from torch import nn
 
 from train.data import AnnotationDataset, Sample, SampleStream, collate, read_annotations
 from train.encoder_cache import FrozenEncoderCache
-from train.loss import audio_token_counts, encode_batch
+from train.loss import encode_batch, window_token_counts
 from train.model import Salmonn
 
 ALIGN_NAME = "align.pth"
@@ -112,6 +115,35 @@ class TagHead(nn.Module):
         return (weights.unsqueeze(-1) * self.classifier(tokens)).sum(dim=1)
 
 
+class ClipTagHead(nn.Module):
+    """Clip tokens (B, H) -> class logits (B, C): each class scored by the token's dot product with the
+    LLM's frozen input embedding of its name (the mean over the name's tokens); class "" (no sound but
+    speech), which has no word, by a learned vector. `classes` sorted, so "" (if present) comes first."""
+
+    def __init__(self, classes: list[str], name_embeddings: dict[str, torch.Tensor]):
+        super().__init__()
+        self.classes = list(classes)
+        hidden = next(iter(name_embeddings.values())).shape[-1]
+        self.register_buffer("names", torch.stack([name_embeddings[c].detach().clone() for c in self.classes if c])
+                             if any(self.classes) else torch.zeros(0, hidden))
+        self.none = nn.Parameter(torch.zeros(hidden)) if "" in self.classes else None
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.float()
+        rows = self.names if self.none is None else torch.cat([self.none[None], self.names])
+        return (tokens @ rows.T) * self.log_scale.exp()
+
+
+def name_embeddings(model: Salmonn, dataset: AnnotationDataset, names: list[str]) -> dict[str, torch.Tensor]:
+    """Class name -> the mean of the LLM's input embeddings of its tokens, spelt as inside a sentence
+    (after a space: "A bell rings.")."""
+    embeddings = model.llama_model.get_input_embeddings().weight.detach()
+    eos = model.config.llm.eos_token_id
+    return {name: embeddings[[t for t in dataset._tokens(" " + name) if t != eos]].float().mean(dim=0)
+            for name in names if name}
+
+
 def clip_tags(annotation_file: str | Path, field: str) -> dict[tuple[str, ...], str]:
     """Clip key -> the value of `field` in its annotation entries ("" where absent)."""
     entries = json.loads(Path(annotation_file).read_text(encoding="utf-8"))["annotation"]
@@ -143,7 +175,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           weight_decay: float, grad_clip: float, seed: int, eos_token_id: int,
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
-          tag_weight: float = 0.0) -> tuple[CtcHead, TagHead | None]:
+          tag_weight: float = 0.0) -> tuple[CtcHead, TagHead | ClipTagHead | None]:
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps; with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`."""
     from train.loop import decays
@@ -154,7 +186,10 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
     tag_head = None
     if tags is not None:
         classes = sorted({tags.get((s.path, *s.expand_wav), "") for s in dataset.samples} | {""})
-        tag_head = TagHead(head.targets.shape[1], classes).to(device)
+        if model.clip_token_head is not None:
+            tag_head = ClipTagHead(classes, name_embeddings(model, dataset, classes)).to(device)
+        else:
+            tag_head = TagHead(head.targets.shape[1], classes).to(device)
     heads = list(head.parameters()) + (list(tag_head.parameters()) if tag_head is not None else [])
     connector = [(n, p) for n, p in model.named_parameters()
                  if p.requires_grad and ".lora_" not in n and not n.startswith("beats.")]
@@ -174,12 +209,15 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
             tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
             log_probs = head(tokens)
         targets = [head.classes([t for t in answer if t != eos_token_id]) for answer in batch.answer_ids]
-        counts = audio_token_counts(model, tokens, batch)
+        counts = window_token_counts(model, tokens, batch)
         loss = ctc_loss(log_probs, targets, counts, "mean")
         losses.append(float(loss.detach()))
         if tag_head is not None:
             labels = torch.tensor([tag_head.classes.index(tags.get(clip, "")) for clip in batch.clips], device=device)
-            logits = tag_head(tokens, counts)
+            if isinstance(tag_head, ClipTagHead):       # the clip token follows each clip's window tokens
+                logits = tag_head(tokens[torch.arange(len(counts)), torch.tensor(counts)])
+            else:
+                logits = tag_head(tokens, counts)
             tag_loss = F.cross_entropy(logits, labels)
             tag_losses.append(float(tag_loss.detach()))
             tag_hits.append(float((logits.argmax(dim=-1) == labels).float().mean()))
@@ -201,7 +239,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
 
 
 def save_alignment(path: Path, model: Salmonn, head: CtcHead, checkpoint_config: dict,
-                   tag_head: TagHead | None = None) -> None:
+                   tag_head: TagHead | ClipTagHead | None = None) -> None:
     from train.loop import atomic_save
 
     def cpu(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -149,7 +149,8 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
                                          prompt_template=m.prompt_template,
                                          prompt_special_tokens=m.prompt_special_tokens,
                                          trim_windows=m.trim_windows,
-                                         normalize_audio_tokens=m.normalize_audio_tokens)
+                                         normalize_audio_tokens=m.normalize_audio_tokens,
+                                         clip_token_hidden=m.clip_token_hidden)
         with torch.no_grad():
             model.ln_audio.weight.fill_(m.beats_stream_gain)
     for module in model.speech_Qformer.modules():

@@ -87,11 +87,10 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
     """
     speech, sounds = frozen_states(model, mel, fbanks, keys, cache)
     config = model.config
+    encoder = model.audio_encoder()
     if config.trim_windows:
-        encoder = model.audio_encoder()
-        windows = [cut_windows(encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a.unsqueeze(0))),
-                               config.window_frames, config.stride_frames)[0]
-                   for s, a in zip(speech, sounds)]
+        fused = [encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a.unsqueeze(0))) for s, a in zip(speech, sounds)]
+        windows = [cut_windows(f, config.window_frames, config.stride_frames)[0] for f in fused]
     else:
         speech = model.ln_speech(torch.stack(speech))
         sounds = [model.ln_audio(s) for s in sounds]
@@ -99,12 +98,18 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
         sounds = torch.stack([pad_time(s.unsqueeze(0), frames)[0] for s in sounds])
         fused = torch.cat([pad_time(speech, frames), sounds], dim=-1)
         windows = list(cut_windows(fused, config.window_frames, config.stride_frames))
+        fused = list(fused.unsqueeze(1))
     counts = [w.shape[0] for w in windows]
     windows = torch.cat(windows)
     queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
     tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
                                   config.audio_token_rms)
     per_clip = [t.reshape(-1, t.shape[-1]) for t in tokens.split(counts)]
+    if model.clip_token_head is not None:
+        # each clip's own log-mel columns: those Whisper read (trimmed), or the full mel
+        mels = [mel[i:i + 1, :, :f.shape[1] * config.mel_columns_per_frame] if config.trim_windows else mel[i:i + 1]
+                for i, f in enumerate(fused)]
+        per_clip = [torch.cat([t, encoder.clip_token(f, m)[0].to(t.dtype)]) for t, f, m in zip(per_clip, fused, mels)]
     longest = max(t.shape[0] for t in per_clip)
     return torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t in per_clip])
 
@@ -114,6 +119,11 @@ def audio_token_counts(model: Salmonn, audio_embeds: torch.Tensor, batch: Batch)
     if not model.config.trim_windows:
         return [audio_embeds.shape[1]] * len(batch)
     return [audio_token_count(model.config, fbank.shape[0]) for fbank in batch.fbanks]
+
+
+def window_token_counts(model: Salmonn, audio_embeds: torch.Tensor, batch: Batch) -> list[int]:
+    """Each sample's window tokens: its audio tokens less the clip token that ends them, if any."""
+    return [n - model.config.n_clip_tokens for n in audio_token_counts(model, audio_embeds, batch)]
 
 
 def assemble_inputs(model: Salmonn, audio_embeds: torch.Tensor,
@@ -191,7 +201,7 @@ class TrainingModel(nn.Module):
         ce_sum, n_targets, n_correct = self.loss_sums(batch, audio)
         if self.ctc is None:
             return ce_sum, n_targets, n_correct, torch.zeros((), device=audio.device)
-        return ce_sum, n_targets, n_correct, self.ctc(audio, batch.clips, audio_token_counts(self.model, audio, batch))
+        return ce_sum, n_targets, n_correct, self.ctc(audio, batch.clips, window_token_counts(self.model, audio, batch))
 
     def loss_sums(self, batch: Batch, audio_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward` on audio embeddings already computed (validation also scores them swapped)."""

@@ -44,6 +44,8 @@ PROMPT_SPECIAL_TOKENS_KEY = "prompt_special_tokens"
 TRIM_WINDOWS_KEY = "trim_windows"
 # Not an official key: audio tokens are rescaled to this RMS after the projection (SalmonnConfig).
 AUDIO_TOKEN_RMS_KEY = "audio_token_rms"
+# Not an official key: the hidden width of the clip token's MLP; absent or 0 = no clip token (SalmonnConfig).
+CLIP_TOKEN_HIDDEN_KEY = "clip_token_hidden"
 
 
 def optional_float(value) -> float | None:
@@ -144,6 +146,7 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
         prompt_special_tokens=bool(model_cfg.get(PROMPT_SPECIAL_TOKENS_KEY, defaults.prompt_special_tokens)),
         trim_windows=bool(model_cfg.get(TRIM_WINDOWS_KEY, defaults.trim_windows)),
         audio_token_rms=optional_float(model_cfg.get(AUDIO_TOKEN_RMS_KEY, defaults.audio_token_rms)),
+        clip_token_hidden=int(model_cfg.get(CLIP_TOKEN_HIDDEN_KEY) or defaults.clip_token_hidden),
     )
     n_query = model_cfg.get("num_speech_query_token")
     if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
@@ -229,6 +232,7 @@ def official_model_config(config: SalmonnConfig) -> dict:
         PROMPT_SPECIAL_TOKENS_KEY: config.prompt_special_tokens,
         TRIM_WINDOWS_KEY: config.trim_windows,
         AUDIO_TOKEN_RMS_KEY: config.audio_token_rms,
+        CLIP_TOKEN_HIDDEN_KEY: config.clip_token_hidden,
         QFORMER_HEADS_KEY: config.qformer.n_heads,
     }
 
@@ -246,7 +250,8 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
                      second_stride: float | None = None,
                      prompt_template: str | None = None, prompt_special_tokens: bool = False,
                      trim_windows: bool = False,
-                     normalize_audio_tokens: bool = False) -> tuple[Salmonn, SalmonnConfig]:
+                     normalize_audio_tokens: bool = False,
+                     clip_token_hidden: int = 0) -> tuple[Salmonn, SalmonnConfig]:
     """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
     trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode.
 
@@ -262,6 +267,7 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         prompt_template=defaults.prompt_template if prompt_template is None else prompt_template,
         prompt_special_tokens=prompt_special_tokens,
         trim_windows=trim_windows,
+        clip_token_hidden=clip_token_hidden,
     )
     llm = build_llama(llm_dims, read_llm_weights(llm_dir))
     if normalize_audio_tokens:

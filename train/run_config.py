@@ -50,6 +50,9 @@ class ModelSection:
     # rescale each audio token to the RMS of the LLM's token embeddings (SalmonnConfig.audio_token_rms);
     # False = the official unscaled projection
     normalize_audio_tokens: bool = False
+    # > 0: one clip-level token after each clip's window tokens, from an attention-pooled MLP of this hidden
+    # width over the fused frames (SalmonnConfig.clip_token_hidden); 0 = the official window tokens only
+    clip_token_hidden: int = 0
     # train BEATs with the connector (salmonn-nano's BEATs starts random); its weights are saved as an
     # official BEATs .pt beside each checkpoint, which that checkpoint's `beats_path` names
     train_beats: bool = False
