@@ -156,9 +156,13 @@ class ClipTokenHead(nn.Module):
         self.frame = nn.Linear(input_width, hidden)
         self.out = nn.Linear(hidden, llm_hidden)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        weights = self.score(frames).softmax(dim=1)
-        return self.out((weights * F.gelu(self.frame(frames))).sum(dim=1))
+    def forward(self, frames: torch.Tensor, n_frames: list[int] | None = None) -> torch.Tensor:
+        """`n_frames`: each clip's own frames when a batch is zero-padded at the end (None: all of them)."""
+        scores = self.score(frames)
+        if n_frames is not None:
+            valid = torch.arange(frames.shape[1], device=frames.device)[None, :] < torch.tensor(n_frames, device=frames.device)[:, None]
+            scores = scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+        return self.out((scores.softmax(dim=1) * F.gelu(self.frame(frames))).sum(dim=1))
 
 
 def clip_token_input_width(config: SalmonnConfig) -> int:
@@ -222,11 +226,14 @@ class AudioEncoder(nn.Module):
         """Q-Former output (..., qformer_hidden) -> LLM-space tokens (..., llm_hidden)."""
         return project_audio_tokens(self.speech_llama_proj, queries, self.audio_token_rms)
 
-    def clip_token(self, fused: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
-        """Fused frames (B, T, C) and the log-mel Whisper read (B, n_mels, M) -> the clip tokens
-        (B, 1, llm_hidden) (`config.clip_token_hidden`), scaled as the others."""
-        frames = torch.cat([fused, mel_frames(mel, self.mel_columns_per_frame, fused.shape[1])], dim=-1)
-        return scale_to_rms(self.clip_token_head(frames), self.audio_token_rms).unsqueeze(1)
+    def clip_frames(self, fused: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        """Fused frames (B, T, C) and the log-mel Whisper read (B, n_mels, M) -> what the clip token
+        pools: (B, T, C + columns per frame x n_mels)."""
+        return torch.cat([fused, mel_frames(mel, self.mel_columns_per_frame, fused.shape[1])], dim=-1)
+
+    def clip_token(self, frames: torch.Tensor, n_frames: list[int] | None = None) -> torch.Tensor:
+        """`clip_frames` -> the clip tokens (B, 1, llm_hidden) (`config.clip_token_hidden`), scaled as the others."""
+        return scale_to_rms(self.clip_token_head(frames, n_frames), self.audio_token_rms).unsqueeze(1)
 
     def embed(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, 3000), (B, F, 128) -> (B, L * Q [+ 1 clip token], llm_hidden)."""
@@ -236,7 +243,7 @@ class AudioEncoder(nn.Module):
         tokens = tokens.reshape(batch, -1, tokens.shape[-1])
         if self.clip_token_head is None:
             return tokens
-        return torch.cat([tokens, self.clip_token(fused, mel)], dim=1)
+        return torch.cat([tokens, self.clip_token(self.clip_frames(fused, mel))], dim=1)
 
     def forward(self, mel: torch.Tensor, fbank: torch.Tensor) -> torch.Tensor:
         return self.embed(mel, fbank)[0]
