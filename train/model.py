@@ -270,9 +270,13 @@ class Salmonn(nn.Module):
         self.speech_query_tokens = nn.Parameter(
             torch.randn(1, config.qformer.num_query_tokens, config.qformer.hidden) * QUERY_TOKEN_INIT_STD)
         self.speech_llama_proj = nn.Linear(config.qformer.hidden, config.llm.hidden_size)
-        self.clip_token_head = (ClipTokenHead(clip_token_input_width(config), config.clip_token_hidden,
-                                              config.llm.hidden_size)
-                                if config.clip_token_hidden > 0 else None)
+        self.clip_token_head = None
+        if config.clip_token_hidden > 0:
+            # drawn without moving the random stream: the rest of the model and the training (dropout) then
+            # see the very draws they see without a clip token
+            with torch.random.fork_rng(devices=[]):
+                self.clip_token_head = ClipTokenHead(clip_token_input_width(config), config.clip_token_hidden,
+                                                     config.llm.hidden_size)
         llm = llm if llm is not None else build_llama(config.llm)
         self.llama_model = wrap_lora(llm, config.lora)
         for name, param in self.named_parameters():
