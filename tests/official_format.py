@@ -230,3 +230,37 @@ def build_official_model(root: Path, shapes: OtherShapes, tokenizer_dir: Path, s
     torch.save({"model": state, "optimizer": {}, "config": {"model": official_model_cfg(config)},
                 "scaler": None, "epoch": 0}, files.ckpt)
     return files
+
+
+@dataclass
+class ExportedVariant:
+    """An official-format model with non-default settings: loaded in PyTorch and exported by `salmonn export`."""
+    model: Salmonn
+    config: SalmonnConfig
+    model_dir: Path
+    prompt_ids: tuple[list[int], list[int]]
+    files: OfficialFiles
+
+
+def export_variant(root: Path, settings: dict, prompt: str, tokenizer_dir: Path,
+                   extra_state: dict[str, torch.Tensor] | None = None) -> ExportedVariant:
+    """Build an `OtherShapes` official-format model (seed 3) whose checkpoint config also says `settings`
+    (and holds `extra_state`), export it as f32, load it in PyTorch; `prompt` split around the audio."""
+    import sentencepiece
+    from conftest import salmonn
+    from train.official import load_official
+
+    files = build_official_model(root / "official", OtherShapes(), tokenizer_dir, seed=3, old_lora_keys=False)
+    ckpt = torch.load(files.ckpt, map_location="cpu", weights_only=True)
+    ckpt["config"]["model"].update(settings)
+    ckpt["model"].update(extra_state or {})
+    torch.save(ckpt, files.ckpt)
+    out = root / "model-f32"
+    r = salmonn("export", "--official-ckpt", files.ckpt, "--whisper", files.whisper, "--beats", files.beats,
+                "--llm", files.llm, "--quant", "f32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    torch.set_num_threads(2)
+    model, config = load_official(files.ckpt, files.whisper, files.beats, files.llm)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(files.llm / "tokenizer.model"))
+    before, after = config.prompt_pieces(prompt)
+    return ExportedVariant(model, config, out, (spm.encode(before), spm.encode(after)), files)

@@ -12,11 +12,10 @@ import json
 
 import numpy as np
 import pytest
-import sentencepiece
 import torch
 
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
-from official_format import OtherShapes, build_official_model
+from official_format import OtherShapes, export_variant
 from salmonn_cli import audio, features
 from salmonn_cli.config import tiny
 from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
@@ -24,7 +23,6 @@ from salmonn_cli.manifest import check_config
 from salmonn_cli.trim import audio_token_count, clip_fbank_frames, mel_frame_count, window_token_count
 from train.loss import encode_batch, window_token_counts
 from train.model import ClipTokenHead, Salmonn, clip_token_input_width
-from train.official import load_official
 from torch_reference import greedy
 
 TRAIN_PATH_ATOL = 1e-5
@@ -105,15 +103,6 @@ def test_clip_tag_head_scores_against_the_class_names_embeddings():
 
 # --- export and runtime --------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class ClipTokenModel:
-    model: Salmonn
-    config: object
-    model_dir: object
-    prompt_ids: tuple[list[int], list[int]]
-    files: object
-
-
 def clip_head_state(config, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     head = ClipTokenHead(clip_token_input_width(config), CLIP_HIDDEN, config.llm.hidden_size)
@@ -124,22 +113,9 @@ def clip_head_state(config, seed: int) -> dict[str, torch.Tensor]:
 def exported(tmp_path_factory):
     """An official-format model (trimmed windows, rescaled tokens, as salmonn-nano) whose checkpoint
     also holds a clip token head, exported by `salmonn export`."""
-    root = tmp_path_factory.mktemp("clip_token")
-    shapes = OtherShapes()
-    files = build_official_model(root / "official", shapes, OFFICIAL_TINY / "vicuna", seed=3, old_lora_keys=False)
-    ckpt = torch.load(files.ckpt, map_location="cpu", weights_only=True)
-    ckpt["config"]["model"].update(trim_windows=True, audio_token_rms=AUDIO_TOKEN_RMS, clip_token_hidden=CLIP_HIDDEN)
-    ckpt["model"].update(clip_head_state(shapes.config(), seed=4))
-    torch.save(ckpt, files.ckpt)
-    out = root / "model-f32"
-    r = salmonn("export", "--official-ckpt", files.ckpt, "--whisper", files.whisper, "--beats", files.beats,
-                "--llm", files.llm, "--quant", "f32", "--out", out)
-    assert r.returncode == 0, r.stderr
-    torch.set_num_threads(2)
-    model, config = load_official(files.ckpt, files.whisper, files.beats, files.llm)
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(files.llm / "tokenizer.model"))
-    before, after = config.prompt_pieces(PROMPT)
-    return ClipTokenModel(model, config, out, (spm.encode(before), spm.encode(after)), files)
+    settings = dict(trim_windows=True, audio_token_rms=AUDIO_TOKEN_RMS, clip_token_hidden=CLIP_HIDDEN)
+    return export_variant(tmp_path_factory.mktemp("clip_token"), settings, PROMPT, OFFICIAL_TINY / "vicuna",
+                          clip_head_state(OtherShapes().config(), seed=4))
 
 
 def runtime_features(wave: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:

@@ -17,12 +17,11 @@ import json
 
 import numpy as np
 import pytest
-import sentencepiece
 import torch
 import torch.nn.functional as F
 
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
-from official_format import OtherShapes, build_official_model
+from official_format import OtherShapes, export_variant
 from salmonn_cli import audio, features
 from salmonn_cli.config import official_13b, tiny
 from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
@@ -31,7 +30,6 @@ from salmonn_cli.trim import (audio_token_count, clip_fbank_frames, encoder_fram
 from train.data import IGNORE_INDEX, Batch, Sample, clip_features, load_wave
 from train.loss import TrainingModel, assemble_inputs, encode_batch
 from train.model import Salmonn, whisper_states
-from train.official import load_official
 from torch_reference import greedy
 
 EMBED_ATOL = 1e-4
@@ -234,34 +232,12 @@ def test_training_loss_of_two_lengths_equals_each_clip_alone(tiny_trimmed):
 
 # --- export and runtime --------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class TrimmedModel:
-    model: Salmonn
-    config: object
-    model_dir: object
-    prompt_ids: tuple[list[int], list[int]]
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An official-format model whose checkpoint asks for trimmed windows and audio tokens rescaled to a
     fixed RMS (the two non-official settings salmonn-nano trains with), exported by `salmonn export`."""
-    root = tmp_path_factory.mktemp("trimmed")
-    files = build_official_model(root / "official", OtherShapes(), OFFICIAL_TINY / "vicuna", seed=3,
-                                 old_lora_keys=False)
-    ckpt = torch.load(files.ckpt, map_location="cpu", weights_only=True)
-    ckpt["config"]["model"]["trim_windows"] = True
-    ckpt["config"]["model"]["audio_token_rms"] = AUDIO_TOKEN_RMS
-    torch.save(ckpt, files.ckpt)
-    out = root / "model-f32"
-    r = salmonn("export", "--official-ckpt", files.ckpt, "--whisper", files.whisper, "--beats", files.beats,
-                "--llm", files.llm, "--quant", "f32", "--out", out)
-    assert r.returncode == 0, r.stderr
-    torch.set_num_threads(2)
-    model, config = load_official(files.ckpt, files.whisper, files.beats, files.llm)
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(files.llm / "tokenizer.model"))
-    before, after = config.prompt_pieces(PROMPT)
-    return TrimmedModel(model, config, out, (spm.encode(before), spm.encode(after)))
+    return export_variant(tmp_path_factory.mktemp("trimmed"), dict(trim_windows=True, audio_token_rms=AUDIO_TOKEN_RMS),
+                          PROMPT, OFFICIAL_TINY / "vicuna")
 
 
 def test_export_manifest_carries_the_setting(exported):

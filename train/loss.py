@@ -109,10 +109,10 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
         # each clip's frames with its own log-mel columns (those Whisper read when trimmed), one padded batch;
         # detached: the clip token reads the LayerNorms' output without training them (its gradient through
         # them cost salmonn-nano ~0.04 s of a 0.31 s [align] step)
-        frames = [encoder.clip_frames(f, mel[i:i + 1, :, :f.shape[1] * config.mel_columns_per_frame]
+        frames = [encoder.clip_frames(f.detach(), mel[i:i + 1, :, :f.shape[1] * config.mel_columns_per_frame]
                                       if config.trim_windows else mel[i:i + 1])[0] for i, f in enumerate(fused)]
         n_frames = [f.shape[0] for f in frames]
-        clip_tokens = encoder.clip_token(torch.stack([pad_time(f[None], max(n_frames))[0] for f in frames]).detach(), n_frames)
+        clip_tokens = encoder.clip_token(torch.stack([pad_time(f[None], max(n_frames))[0] for f in frames]), n_frames)
         per_clip = [torch.cat([t, c.to(t.dtype)]) for t, c in zip(per_clip, clip_tokens)]
     longest = max(t.shape[0] for t in per_clip)
     return torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[0])) for t in per_clip])
