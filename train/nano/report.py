@@ -1,6 +1,6 @@
 """Evaluate an exported salmonn-nano model with the runtime (`salmonn ask`, torch-free) and write a report.
 
-    python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N]
+    python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N] [--beams N]
                                 [--answers ANSWERS.json]
 
 Scores the held-out `test.json` (WER on the held-out voice, sound-event accuracy; train/nano/evaluate.py)
@@ -42,13 +42,14 @@ def task_instruction(entry: dict, prompts: dict[str, list[str]]) -> str:
     return template.replace(SPEECH_PREFIX, "").replace("{}", "").strip()
 
 
-def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = None) -> list[str]:
+def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = None, beams: int = 1) -> list[str]:
     """Answers of `salmonn ask --jsonl` for `files` (in order), one model load per call."""
     answers: list[str] = []
     for start in range(0, len(files), MAX_FILES_PER_CALL):
         chunk = files[start:start + MAX_FILES_PER_CALL]
         command = [sys.executable, "-m", "salmonn_cli", "ask", "--model", str(model_dir), "--jsonl",
-                   "--max-tokens", str(MAX_ANSWER_TOKENS), *(["--threads", str(threads)] if threads else []),
+                   "--max-tokens", str(MAX_ANSWER_TOKENS), "--beams", str(beams),
+                   *(["--threads", str(threads)] if threads else []),
                    "-p", prompt, *map(str, chunk)]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -59,14 +60,16 @@ def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = N
     return answers
 
 
-def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads: int | None) -> list[str]:
+def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads: int | None,
+                   beams: int = 1) -> list[str]:
     prompts = json.loads((data_dir / "prompts.json").read_text(encoding="utf-8"))
     by_prompt: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):
         by_prompt.setdefault(task_instruction(entry, prompts), []).append(i)
     answers = [""] * len(entries)
     for prompt, rows in by_prompt.items():
-        for row, answer in zip(rows, ask(model_dir, [data_dir / entries[r]["path"] for r in rows], prompt, threads)):
+        for row, answer in zip(rows, ask(model_dir, [data_dir / entries[r]["path"] for r in rows], prompt, threads,
+                                             beams)):
             answers[row] = answer
     return answers
 
@@ -118,6 +121,10 @@ def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
     return rows
 
 
+def decoding_name(beams: int) -> str:
+    return "greedy" if beams == 1 else f"beam search ({beams} beams)"
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as stream:
@@ -125,19 +132,20 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
-                 limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None) -> Path:
+                 limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None,
+                 beams: int = 1) -> Path:
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     entries = read_entries(data_dir / "test.json")
     if limit:
         entries = entries[:limit]
     started = time.perf_counter()
-    answers = answer_entries(model_dir, data_dir, entries, threads)
+    answers = answer_entries(model_dir, data_dir, entries, threads, beams)
     scores = score(entries, answers)
     if answers_out:
         write_atomic(Path(answers_out), json.dumps(scored_answers(entries, answers), indent=1, ensure_ascii=False) + "\n")
     lines = ["# salmonn-nano evaluation", "",
              f"Model `{model_dir}`, held-out set `{data_dir / 'test.json'}` ({len(entries)} entries), "
-             f"`salmonn ask` greedy, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
+             f"`salmonn ask` {decoding_name(beams)}, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
              "## Held-out scores", ""]
     for key in ("wer", "wer_clean", "wer_mix"):
         if key in scores:
@@ -157,7 +165,7 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
         lines += ["", "## Real clips (verbatim)", ""]
         for prompt in REAL_CLIP_PROMPTS:
             lines += [f"### {prompt}", ""]
-            for clip, answer in zip(clips, ask(model_dir, clips, prompt, threads)):
+            for clip, answer in zip(clips, ask(model_dir, clips, prompt, threads, beams)):
                 lines.append(f"- `{clip.name}`: {answer!r}")
             lines.append("")
     text = "\n".join(lines).rstrip() + "\n"
@@ -174,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="training run folder (log.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test entries")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--beams", type=int, default=1, help="salmonn ask --beams (default 1: greedy)")
     parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
         write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads,
-                     answers_out=args.answers)
+                     answers_out=args.answers, beams=args.beams)
     except (ReportError, SalmonnError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
