@@ -256,3 +256,13 @@ def test_score_of_perfect_answers(quick_set):
     assert result["n_wer"] == result["n_wer_clean"] + result["n_wer_mix"]
     assert result["n_event"] == sum(e["metric"] == "event" for e in test) == result["n_event_event"] + result["n_event_mix"]
     assert result["event_accuracy_event"] == result["event_accuracy_mix"] == 1
+
+
+@pytest.mark.parametrize("beams", ["0", "17", "two"])
+def test_report_refuses_a_bad_beam_count_before_running(beams, tmp_path):
+    out = tmp_path / "REPORT.md"
+    done = subprocess.run([sys.executable, "-m", "train.nano.report", str(tmp_path / "no-model"), str(tmp_path),
+                           "--out", str(out), "--beams", beams], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(f"argument --beams: must be a whole number from 1 to 16, not {beams!r}")
+    assert "Traceback" not in done.stderr and not out.exists()

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from salmonn_cli.decoding import MAX_BEAMS
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.subtitles import atomic_output
 from train.nano.evaluate import event_correct, read_entries, score, word_errors
@@ -121,6 +122,13 @@ def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
     return rows
 
 
+def beam_count(text: str) -> int:
+    """`--beams`: checked before any model runs (salmonn ask would refuse it only after loading)."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_BEAMS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_BEAMS}, not {text!r}")
+    return int(text)
+
+
 def decoding_name(beams: int) -> str:
     return "greedy" if beams == 1 else f"beam search ({beams} beams)"
 
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="training run folder (log.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test entries")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--beams", type=int, default=1, help="salmonn ask --beams (default 1: greedy)")
+    parser.add_argument("--beams", type=beam_count, default=1, help="salmonn ask --beams (default 1: greedy)")
     parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
