@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from salmonn_cli.decoding import MAX_BEAMS
 from salmonn_cli.errors import DEBUG_ENV, SalmonnError
 
 app = typer.Typer(
@@ -102,8 +103,9 @@ def ask(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    beams: int = typer.Option(1, "--beams", min=1, max=16, help="Beam search with N beams (the official SALMONN decoding "
-                              "uses 4); needs --temperature 0; the answer is printed when the search ends."),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
+                                        "SALMONN decoding uses 4); 1 = greedy; the answer is printed when the search ends "
+                                        "[default: the model's own, from its manifest; 1 with --temperature > 0]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
     per_window: bool = typer.Option(False, "--per-window", help="Answer for each ≤30 s window of the file separately."),
     threads: Optional[int] = threads_option(),
@@ -126,7 +128,8 @@ def ask(
         raise SalmonnError("standard input (-) can be read only once")
     if truncate and per_window:
         raise SalmonnError("--truncate and --per-window do not go together")
-    decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, beams=beams)
+    if beams is None and temperature > 0:
+        beams = 1                       # sampling: the model's default beam search does not sample
     options = runtime_options(threads, n_gpu_layers, cpu, lora_scale, context)
     streaming = not (as_json or jsonl)
     failures = Failures()
@@ -137,6 +140,8 @@ def ask(
         sys.stdout.flush()
 
     with Pipeline(model, options, max_tokens=max_tokens, beams=beams) as pipeline:
+        decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                   beams=pipeline.beams)
         for name in files:
             shown = display_name(name)
             if streaming and len(files) > 1:
@@ -170,6 +175,7 @@ def ask(
                         "audio": shown, "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason,
                         "audio_seconds": round(audio.seconds, 3), "used_seconds": round(audio.used_seconds, 3),
                         "truncated": audio.truncated, "windows": len(audio.windows), "prompt_tokens": answer.prompt_tokens,
+                        "beams": decoding.beams,
                         "quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
                         "timings": {
                             "encode_s": round(audio.encode_s, 4),
@@ -203,7 +209,9 @@ def transcribe(
                                          "with several files, an existing directory."),
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per window."),
-    beams: int = typer.Option(1, "--beams", min=1, max=16, help="Beam search with N beams (the official decoding uses 4)."),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
+                                        "decoding uses 4; 1 = greedy, the only one --repetition-guard watches) "
+                                        "[default: the model's own, from its manifest]."),
     repetition_guard: bool = typer.Option(True, "--repetition-guard/--no-repetition-guard",
                                           help="Stop a window whose output starts repeating itself."),
     keep_silence: bool = typer.Option(False, "--keep-silence", help="Also decode windows that are silent."),
@@ -229,12 +237,12 @@ def transcribe(
             raise SalmonnError(f"with several files, -o must be an existing directory: {output}")
         out_dir = Path(output)
     fmt = format_for_path(None if out_dir else output, fmt)
-    options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=beams),
-                                repetition_guard=RepetitionGuard() if repetition_guard else None,
-                                skip_silence=not keep_silence)
     runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
     failures = Failures()
     with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+        options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
+                                    repetition_guard=RepetitionGuard() if repetition_guard else None,
+                                    skip_silence=not keep_silence)
         for name in inputs:
             shown = display_name(name)
             stream_txt = fmt == "txt" and output is None and not jsonl
@@ -324,6 +332,8 @@ def export(
     quant: str = typer.Option("q4_k_m", "--quant", "-q", help="f32, f16, q8_0, q4_k_m, ..."),
     qformer_heads: Optional[int] = typer.Option(None, "--qformer-heads", min=1,
                                                 help="Q-Former attention heads [default: hidden/64]."),
+    default_beams: int = typer.Option(1, "--default-beams", min=1, max=MAX_BEAMS, help="The decoding written into the "
+                                      "manifest: what ask and transcribe use without --beams (1 = greedy; 4 = the official)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory."""
@@ -347,7 +357,7 @@ def export(
     else:
         raise SalmonnError("give --official-ckpt (with --whisper, --beats, --llm) or --checkpoint")
     export_model(ckpt=ckpt, whisper=whisper, beats=beats, llm=llm, out=out, quant=quant, force=force,
-                 qformer_heads=qformer_heads, log=lambda m: print(m, file=sys.stderr))
+                 qformer_heads=qformer_heads, default_beams=default_beams, log=lambda m: print(m, file=sys.stderr))
 
 
 def main() -> None:

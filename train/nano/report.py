@@ -19,6 +19,7 @@ from pathlib import Path
 
 from salmonn_cli.decoding import MAX_BEAMS
 from salmonn_cli.errors import SalmonnError
+from salmonn_cli.manifest import load_manifest
 from salmonn_cli.subtitles import atomic_output
 from train.nano.evaluate import event_correct, read_entries, score, word_errors
 
@@ -141,8 +142,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                  limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None,
-                 beams: int = 1) -> Path:
+                 beams: int | None = None) -> Path:
+    """`beams` None: the model's own default decoding (its manifest), as `salmonn ask` without --beams."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    if beams is None:
+        beams = load_manifest(model_dir, verify=False).default_beams
     entries = read_entries(data_dir / "test.json")
     if limit:
         entries = entries[:limit]
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, default=None, help="training run folder (log.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test entries")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--beams", type=beam_count, default=1, help="salmonn ask --beams (default 1: greedy)")
+    parser.add_argument("--beams", type=beam_count, default=None,
+                        help="salmonn ask --beams (default: the model's own decoding, from its manifest)")
     parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
