@@ -166,6 +166,11 @@ HF_SEEDED_PREFIX = 1
 MAX_BEAMS = 16
 
 
+def is_beam_count(value) -> bool:
+    """A whole number of beams this runtime can search with (1 = greedy)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_BEAMS
+
+
 @dataclass
 class BeamStep:
     """How the live beams continue: new beam i is old beam `parents[i]` followed by `tokens[i]`."""

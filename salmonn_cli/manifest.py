@@ -15,7 +15,7 @@ from pathlib import Path
 
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.config import SalmonnConfig
-from salmonn_cli.decoding import MAX_BEAMS
+from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
 from salmonn_cli.errors import ModelError
 
 MANIFEST_NAME = "salmonn.json"
@@ -181,7 +181,7 @@ def _optional_name(d: dict, key: str) -> str | None:
 
 
 def _check_beams(beams) -> None:
-    if not isinstance(beams, int) or isinstance(beams, bool) or not 1 <= beams <= MAX_BEAMS:
+    if not is_beam_count(beams):
         raise ValueError(f"decoding beams must be a whole number from 1 to {MAX_BEAMS}, not {beams!r}")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from salmonn_cli import audio, features
 from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
-                                  generate)
+                                  generate, is_beam_count)
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import BeamSequences, LlamaModel
@@ -53,7 +53,7 @@ class Answer:
 
 
 def check_beams(beams: int) -> None:
-    if not 1 <= beams <= MAX_BEAMS:
+    if not is_beam_count(beams):
         raise SalmonnError(f"the number of beams must be between 1 and {MAX_BEAMS}, not {beams}")
 
 

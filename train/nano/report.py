@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from salmonn_cli.decoding import MAX_BEAMS
+from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import load_manifest
 from salmonn_cli.subtitles import atomic_output
@@ -125,7 +125,7 @@ def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
 
 def beam_count(text: str) -> int:
     """`--beams`: checked before any model runs (salmonn ask would refuse it only after loading)."""
-    if not text.isdigit() or not 1 <= int(text) <= MAX_BEAMS:
+    if not text.isdigit() or not is_beam_count(int(text)):
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_BEAMS}, not {text!r}")
     return int(text)
 
