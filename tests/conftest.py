@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ SHARED = Path(os.environ.get("SALMONN_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 OFFICIAL_TINY = FIXTURES / "official-tiny"
 AUDIO = FIXTURES / "audio"
+
+# What salmonn caches ($XDG_CACHE_HOME/salmonn: materialized LLMs, the verification record, built models)
+# goes to one folder kept between test runs, never the user's ~/.cache; set before any subprocess starts.
+TEST_CACHE = Path(tempfile.gettempdir()) / "salmonn-test-cache"
+os.environ["XDG_CACHE_HOME"] = str(TEST_CACHE)
 
 # name in reference.npz -> wav file of the official-tiny fixture
 REFERENCE_INPUTS = {"speech": "speech_2p5s.wav", "long": "long_40s.wav", "short": "short_0p4s.wav"}

