@@ -282,7 +282,7 @@ def listen(
     duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds of audio."),
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per utterance."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = no sampling (greedy, or --beams); > 0 samples with one beam."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (listen has no beam search); > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     threads: Optional[int] = threads_option(),
