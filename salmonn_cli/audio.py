@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from salmonn_cli.errors import DEBUG_ENV, AudioError
+from salmonn_cli.errors import DEBUG_ENV, AudioError, quoted
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -42,15 +42,15 @@ DAMAGED_REASON = "damaged or cut-short audio data"
 def check_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
-        raise AudioError(f"audio file not found: {p}")
+        raise AudioError(f"audio file not found: {quoted(p)}")
     if p.is_dir():
-        raise AudioError(f"audio path is a directory, not a file: {p}")
+        raise AudioError(f"audio path is a directory, not a file: {quoted(p)}")
     try:
         # libsndfile reports a permission problem as a bare "System error"
         with open(p, "rb"):
             pass
     except OSError as e:
-        raise AudioError(f"cannot read audio file {p}: {e.strerror or e}") from None
+        raise AudioError(f"cannot read audio file {quoted(p)}: {e.strerror or e}") from None
     return p
 
 
@@ -108,12 +108,12 @@ class MemoryAudio(io.BytesIO):
 
 def check_sample_rate(rate: int, name) -> None:
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise AudioError(f"audio file {name} claims a sample rate of {rate} Hz, outside "
+        raise AudioError(f"audio file {quoted(name)} claims a sample rate of {rate} Hz, outside "
                          f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz: its header is damaged")
 
 
 def too_short_error(name, sample_rate: int = SAMPLE_RATE) -> AudioError:
-    return AudioError(f"audio file is shorter than one sample at {sample_rate} Hz: {name}")
+    return AudioError(f"audio file is shorter than one sample at {sample_rate} Hz: {quoted(name)}")
 
 
 def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, int]:
@@ -130,7 +130,7 @@ def read_frames(path: str | os.PathLike, start: int = 0, stop: int | None = None
             n_frames = -1 if stop is None else max(stop - start, 0)
             block = f.read(n_frames, dtype="float64", always_2d=True)
     except READ_ERRORS as e:
-        raise AudioError(f"cannot read audio file {p}: {read_error_reason(e)}") from None
+        raise AudioError(f"cannot read audio file {quoted(p)}: {read_error_reason(e)}") from None
     return np.ascontiguousarray(block[:, KEPT_CHANNEL]), sample_rate
 
 
@@ -144,10 +144,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     """The whole file as a 1-D float64 waveform at `sample_rate` (channel 0 of a multi-channel file)."""
     wave, file_rate = read_frames(path)
     if wave.size == 0:
-        raise AudioError(f"audio file has no samples: {path}")
+        raise AudioError(f"audio file has no samples: {quoted(path)}")
     check_sample_rate(file_rate, path)
     if not np.isfinite(wave).all():
-        raise AudioError(f"audio file contains NaN or infinite samples: {path}")
+        raise AudioError(f"audio file contains NaN or infinite samples: {quoted(path)}")
     wave = resample(wave, file_rate, sample_rate)
     if wave.size == 0:
         raise too_short_error(path, sample_rate)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from salmonn_cli.errors import ModelError
+from salmonn_cli.errors import ModelError, quoted
 
 # Input/output names of the exported graph (export/onnx_encoder.py writes them).
 INPUT_MEL = "mel"
@@ -41,12 +41,12 @@ class AudioEncoder:
                                                 providers=available_providers(use_gpu))
         except Exception as e:  # ORT raises its own exception types for corrupt graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"cannot load audio encoder {path}: {first}") from None
+            raise ModelError(f"cannot load audio encoder {quoted(path)}: {first}") from None
         finally:
             ort.set_default_logger_severity(3)
         names = {i.name for i in self.session.get_inputs()}
         if names != {INPUT_MEL, INPUT_FBANK}:
-            raise ModelError(f"audio encoder {path} has inputs {sorted(names)}, "
+            raise ModelError(f"audio encoder {quoted(path)} has inputs {sorted(names)}, "
                              f"expected {INPUT_MEL!r} and {INPUT_FBANK!r}")
         self.provider = self.session.get_providers()[0]
 

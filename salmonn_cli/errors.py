@@ -1,4 +1,8 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The exception types the CLI turns into a one-line message and a non-zero exit, and how those
+messages name the user's files."""
+from __future__ import annotations
+
+import os
 
 # Set (to anything) for tracebacks and native libraries' own diagnostics instead of one-line errors.
 DEBUG_ENV = "SALMONN_DEBUG"
@@ -16,3 +20,14 @@ class AudioError(SalmonnError):
 
 class ModelError(SalmonnError):
     """The model directory is missing, incomplete, corrupted or of an unknown format."""
+
+
+class OutputError(SalmonnError):
+    """Standard output cannot be written (full disk, closed pipe, ...): every later answer would be
+    lost too, so the whole run ends instead of going on to the next input."""
+
+
+def quoted(name: str | os.PathLike) -> str:
+    """A file name as messages show it: quoted and escaped like a Python string, so a newline or
+    a control character in the name cannot split or garble the message's one line."""
+    return repr(os.fspath(name))

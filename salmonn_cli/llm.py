@@ -12,7 +12,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from salmonn_cli.errors import ModelError, SalmonnError
+from salmonn_cli.errors import ModelError, SalmonnError, quoted
 
 MAX_UBATCH = 512            # physical batch; the logical batch (n_batch) is the whole context
 PIECE_BUFFER_BYTES = 64
@@ -79,7 +79,7 @@ class LlamaModel:
             raise ValueError(f"n_seq_max must be in 1..{MAX_SEQUENCES}")
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"LLM file not found: {path}")
+            raise ModelError(f"LLM file not found: {quoted(path)}")
         set_llama_logging(verbose)
         _init_backend()
 
@@ -90,7 +90,7 @@ class LlamaModel:
         mparams.use_extra_bufts = False
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self._model:
-            raise ModelError(f"cannot load the LLM {path}: not a valid GGUF model (truncated or corrupt?)")
+            raise ModelError(f"cannot load the LLM {quoted(path)}: not a valid GGUF model (truncated or corrupt?)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
 
         cparams = llama_cpp.llama_context_default_params()
@@ -109,7 +109,7 @@ class LlamaModel:
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self.close()
-            raise ModelError(f"llama.cpp could not create a {n_ctx}-token context for {path} "
+            raise ModelError(f"llama.cpp could not create a {n_ctx}-token context for {quoted(path)} "
                              "(out of memory?)")
         self._n_ctx = min(n_ctx, llama_cpp.llama_n_ctx(self._ctx))
         self._n_embd = llama_cpp.llama_model_n_embd(self._model)
@@ -146,10 +146,10 @@ class LlamaModel:
         effect until `set_lora_scale` gives it a non-zero scale."""
         path = Path(path)
         if not path.is_file():
-            raise ModelError(f"LoRA adapter file not found: {path}")
+            raise ModelError(f"LoRA adapter file not found: {quoted(path)}")
         adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
         if not adapter:
-            raise ModelError(f"cannot load the LoRA adapter {path}: not a llama.cpp LoRA GGUF "
+            raise ModelError(f"cannot load the LoRA adapter {quoted(path)}: not a llama.cpp LoRA GGUF "
                              "that fits this model")
         if self._lora:
             self.set_lora_scale(0.0)

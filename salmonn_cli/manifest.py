@@ -10,19 +10,36 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from salmonn_cli.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
-from salmonn_cli.errors import ModelError
+from salmonn_cli.errors import ModelError, SalmonnError, quoted
+from salmonn_cli.prompt import prompt_segments
 
 MANIFEST_NAME = "salmonn.json"
 FORMAT_NAME = "salmonn-model"
 FORMAT_VERSION = 1
 ENV_MODEL_DIR = "SALMONN_MODEL"
 HASH_CHUNK = 1 << 20
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Config sizes: the largest real ones (vocabularies, context lengths) are a few hundred thousand.
+MAX_CONFIG_INT = 1 << 21
+# Whole-number config values that may be 0; every other one is at least 1.
+ZERO_ALLOWED_INTS = {"clip_token_hidden", "llm.bos_token_id", "llm.eos_token_id"}
+# Float config values with their own range: (low, high, low inclusive); the others are > 0.
+MAX_WINDOW_SECONDS = 600.0
+FLOAT_RANGES = {
+    "min_seconds": (0.0, MAX_WINDOW_SECONDS, True),
+    "max_seconds": (0.0, MAX_WINDOW_SECONDS, False),
+    "second_per_window": (0.0, MAX_WINDOW_SECONDS, False),
+    "second_stride": (0.0, MAX_WINDOW_SECONDS, False),
+    "lora.dropout": (0.0, 1.0, True),
+}
 
 
 @dataclass
@@ -90,24 +107,24 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
 def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> Manifest:
     root = resolve_model_dir(model_dir)
     if root.exists() and not root.is_dir():
-        raise ModelError(f"model path is a file, not a model directory: {root}")
+        raise ModelError(f"model path is a file, not a model directory: {quoted(root)}")
     if not root.is_dir():
-        raise ModelError(f"model directory not found: {root}")
+        raise ModelError(f"model directory not found: {quoted(root)}")
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
-        raise ModelError(f"{root} is not a salmonn model directory (no {MANIFEST_NAME}); "
+        raise ModelError(f"{quoted(root)} is not a salmonn model directory (no {MANIFEST_NAME}); "
                          "create one with `salmonn export`")
     try:
         d = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:   # ValueError: bad UTF-8, JSON, or a huge int
-        raise ModelError(f"{mpath} is not valid JSON: {e}") from None
+        raise ModelError(f"{quoted(mpath)} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
-        raise ModelError(f"{mpath} is not a salmonn model manifest")
+        raise ModelError(f"{quoted(mpath)} is not a salmonn model manifest")
     version = d.get("format_version")
     if not isinstance(version, int):
-        raise ModelError(f"{mpath} has no valid format_version")
+        raise ModelError(f"{quoted(mpath)} has no valid format_version")
     if version > FORMAT_VERSION:
-        raise ModelError(f"{mpath} has format version {version}, this salmonn reads up to "
+        raise ModelError(f"{quoted(mpath)} has format version {version}, this salmonn reads up to "
                          f"{FORMAT_VERSION}: upgrade salmonn")
     try:
         manifest = Manifest(model_dir=root, config=SalmonnConfig.from_dict(d["config"]),
@@ -115,15 +132,13 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
                             quant=str(d["quant"]), files=dict(d["files"]),
                             lora_adapter=_optional_name(d, "lora_adapter"),
                             default_beams=_default_beams(d))
-        for name, info in manifest.files.items():
-            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
-                raise ValueError(f"bad file entry for {name!r}")
+        check_files(manifest)
         check_config(manifest.config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ModelError(f"{mpath} is malformed: {e}") from None
+        raise ModelError(f"{quoted(mpath)} is malformed: {e}") from None
     for name in (manifest.audio_encoder, manifest.llm, manifest.lora_adapter):
         if name is not None and name not in manifest.files:
-            raise ModelError(f"{mpath} does not list {name!r} in its files")
+            raise ModelError(f"{quoted(mpath)} does not list {name!r} in its files")
     if verify:
         verify_files(manifest)
     return manifest
@@ -157,19 +172,51 @@ def _check_field_types(obj, prefix: str = "") -> None:
             raise ValueError(f"config value {prefix}{f.name} = {value!r} is not a {f.type}")
 
 
+def _check_field_ranges(obj, prefix: str = "") -> None:
+    """Every size is a positive whole number below MAX_CONFIG_INT, every float positive (the
+    exceptions are listed): a zero or negative size fails deep in a run or allocates nonsense."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_field_ranges(value, f"{key}.")
+        elif value is None or str(f.type).removesuffix(" | None") not in ("int", "float"):
+            continue
+        elif str(f.type) == "int":
+            low = 0 if key in ZERO_ALLOWED_INTS else 1
+            if not low <= value <= MAX_CONFIG_INT:
+                raise ValueError(f"config value {key} = {value} is outside {low}..{MAX_CONFIG_INT}")
+        else:
+            low, high, low_inclusive = FLOAT_RANGES.get(key, (0.0, math.inf, False))
+            if not ((low <= value if low_inclusive else low < value) and value <= high):
+                raise ValueError(f"config value {key} = {value} is outside "
+                                 f"{'[' if low_inclusive else '('}{low:g}, {high:g}]")
+
+
 def check_config(config: SalmonnConfig) -> None:
-    """Raise ValueError unless every config value has its field's type and the derived geometry
-    and prompt template work out (a hand-edited manifest must fail here, not deep in a run)."""
+    """Raise ValueError unless every config value has its field's type and a sane range and the
+    derived geometry and prompt template work out (a hand-edited manifest must fail here, not deep
+    in a run)."""
     _check_field_types(config)
+    _check_field_ranges(config)
+    if not MIN_SAMPLE_RATE <= config.sample_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"config value sample_rate = {config.sample_rate} is outside "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE}")
+    llm = config.llm
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(llm, key) >= llm.vocab_size:
+            raise ValueError(f"config value llm.{key} = {getattr(llm, key)} is not below vocab_size {llm.vocab_size}")
+    if not config.audio_placeholder:
+        raise ValueError("config value audio_placeholder is empty")
+    if config.audio_placeholder not in config.speech_tag:
+        raise ValueError(f"config value speech_tag {config.speech_tag!r} lacks the audio placeholder "
+                         f"{config.audio_placeholder!r}")
     try:
         n_tokens = config.n_audio_tokens
         config.lora.scale
-        config.prompt_template.format("")
-    except (ArithmeticError, ValueError, IndexError, KeyError) as e:
+        prompt_segments(config, config.prompt_template.format(config.speech_tag + "?"))
+    except (ArithmeticError, ValueError, IndexError, KeyError, SalmonnError) as e:
         raise ValueError(f"inconsistent config ({type(e).__name__}: {e})") from None
-    if config.clip_token_hidden < 0:
-        raise ValueError("inconsistent config: clip_token_hidden is negative")
-    if n_tokens < 1 or config.sample_rate < 1 or not 0 <= config.min_seconds <= config.max_seconds:
+    if n_tokens < 1 or not 0 <= config.min_seconds <= config.max_seconds:
         raise ValueError("inconsistent config: no audio would reach the model")
 
 
@@ -178,6 +225,35 @@ def _optional_name(d: dict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{key} must be a file name")
     return value
+
+
+# --- the files it names ---------------------------------------------------------------------------
+
+def check_file_name(name, what: str) -> None:
+    """A file of the model directory itself: one plain name, never a path, so that a manifest
+    cannot make salmonn open (or hash) a file elsewhere. (A symbolic link placed in the directory
+    is the user's own choice and is followed.)"""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.basename(name) != name):
+        raise ValueError(f"{what} {name!r} is not a file name inside the model directory")
+
+
+def check_files(manifest: Manifest) -> None:
+    for name, info in manifest.files.items():
+        check_file_name(name, "the listed file")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise ValueError(f"bad file entry for {name!r}")
+        if not SHA256_HEX.fullmatch(info["sha256"]):
+            raise ValueError(f"the sha256 of {name!r} is not 64 hexadecimal digits")
+        size = info.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise ValueError(f"the size of {name!r} must be a whole number of bytes, not {size!r}")
+    for what in ("audio_encoder", "llm", "lora_adapter"):
+        name = getattr(manifest, what)
+        if name is not None:
+            check_file_name(name, what)
+    if not manifest.quant:
+        raise ValueError("quant is empty")
 
 
 def _check_beams(beams) -> None:
@@ -230,17 +306,17 @@ def verify_files(manifest: Manifest) -> None:
     for name, info in manifest.files.items():
         path = manifest.path(name)
         if not path.is_file():
-            raise ModelError(f"model file missing: {path}")
+            raise ModelError(f"model file missing: {quoted(path)}")
         st = path.stat()
         if "size" in info and st.st_size != info["size"]:
-            raise ModelError(f"model file {path} has {st.st_size} bytes, the manifest says "
+            raise ModelError(f"model file {quoted(path)} has {st.st_size} bytes, the manifest says "
                              f"{info['size']}: the file is truncated or replaced; re-export the model")
         key = str(path.resolve())
         stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, info["sha256"]]
         if cache.get(key) == stamp:
             continue
         if sha256_of(path) != info["sha256"]:
-            raise ModelError(f"model file {path} does not match its sha256 in the manifest: "
+            raise ModelError(f"model file {quoted(path)} does not match its sha256 in the manifest: "
                              "the file is corrupted or replaced; re-export the model")
         cache[key] = stamp
         changed = True

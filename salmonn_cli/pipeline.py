@@ -13,7 +13,7 @@ from salmonn_cli import audio, features
 from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
                                   generate, is_beam_count)
 from salmonn_cli.encoder import AudioEncoder
-from salmonn_cli.errors import ModelError, SalmonnError
+from salmonn_cli.errors import ModelError, SalmonnError, quoted
 from salmonn_cli.llm import BeamSequences, LlamaModel
 from salmonn_cli.manifest import Manifest, load_manifest
 from salmonn_cli.prompt import build_prompt
@@ -64,7 +64,7 @@ def check_lora_scale(manifest: Manifest, lora_scale: float | None) -> None:
     if not math.isfinite(lora_scale):
         raise SalmonnError(f"the LoRA scale must be a finite number, not {lora_scale}")
     if manifest.lora_adapter is None:
-        raise ModelError(f"{manifest.model_dir} has no LoRA adapter, so its LoRA scale is fixed at "
+        raise ModelError(f"{quoted(manifest.model_dir)} has no LoRA adapter, so its LoRA scale is fixed at "
                          f"{manifest.merged_lora_scale:g}; re-export it with `salmonn export` to "
                          "use --lora-scale")
 
