@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from salmonn_cli import stdout_guard
 from salmonn_cli.decoding import MAX_BEAMS
-from salmonn_cli.errors import DEBUG_ENV, SalmonnError
+from salmonn_cli.errors import DEBUG_ENV, OutputError, SalmonnError, quoted
 
 app = typer.Typer(
     add_completion=False,
@@ -21,10 +23,32 @@ app = typer.Typer(
 )
 
 INTERRUPTED = 130   # exit code after Ctrl-C, as shells report SIGINT
+BROKEN_PIPE = 128 + signal.SIGPIPE   # stdout's reader went away: what a shell reports for SIGPIPE
+
+
+def one_line(text: str) -> str:
+    """Whatever a message holds, it stays one line on stderr."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def say(kind: str, message: str) -> None:
+    print(f"salmonn: {kind}{one_line(message)}", file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
-    print(f"salmonn: warning: {message}", file=sys.stderr, flush=True)
+    say("warning: ", message)
+
+
+def notice(message: str) -> None:
+    say("notice: ", message)
+
+
+def warn_if_cut_short(audio_in) -> None:
+    shortfall = audio_in.shortfall()
+    if shortfall is not None:
+        promised, there = shortfall
+        warn(f"{quoted(audio_in.name)} is cut short: its header promises {promised:.1f} s of audio, "
+             f"only {there:.1f} s are there (all of it was used)")
 
 
 # --- options shared by the commands that run a model ---------------------------------------------
@@ -55,11 +79,29 @@ def context_option():
                         "audio past 30 s fills what the prompt and answer leave free.")
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_model_option(model: Optional[str]) -> None:
+    if model is not None and not model.strip():
+        raise SalmonnError("--model is empty: give a model directory, or leave the option out for the default model")
+
+
 def runtime_options(threads, n_gpu_layers, cpu, lora_scale, context):
     from salmonn_cli.pipeline import RuntimeOptions
 
     options = RuntimeOptions(n_gpu_layers=n_gpu_layers, use_gpu=not cpu, lora_scale=lora_scale, context=context)
     if threads:
+        # more threads than cores only makes llama.cpp's threads wait for each other (a run with
+        # --threads 999 on 2 cores did not finish in a minute)
+        cores = available_cores()
+        if threads > cores:
+            notice(f"--threads {threads} is more than the {cores} cores available; using {cores}")
+            threads = cores
         options.n_threads = threads
     return options
 
@@ -84,7 +126,7 @@ class Failures:
 
     def __call__(self, name: str, error: Exception) -> None:
         self.count += 1
-        print(f"salmonn: error: {name}: {error}", file=sys.stderr, flush=True)
+        say("error: ", f"{quoted(name)}: {error}")
 
     def exit(self) -> None:
         if self.count:
@@ -118,16 +160,20 @@ def ask(
 ) -> None:
     """Answer a question about audio clips (the model is loaded once for all of them)."""
     from salmonn_cli.ask import display_name, each_window, embed_file, format_clock
+    from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.prompt import check_instruction
 
     files, prompt = split_prompt(inputs, prompt)
     check_instruction(prompt)
+    check_model_option(model)
     if files.count("-") > 1:
         raise SalmonnError("standard input (-) can be read only once")
     if truncate and per_window:
         raise SalmonnError("--truncate and --per-window do not go together")
+    if as_json and jsonl:
+        raise SalmonnError("give either --json or --jsonl, not both")
     if beams is None and temperature > 0:
         beams = 1                       # sampling: the model's default beam search does not sample
     options = runtime_options(threads, n_gpu_layers, cpu, lora_scale, context)
@@ -145,11 +191,12 @@ def ask(
         for name in files:
             shown = display_name(name)
             if streaming and len(files) > 1:
-                print(f"==> {shown} <==", flush=True)
+                print(f"==> {shown if shown.isprintable() else quoted(shown)} <==", flush=True)
             try:
+                audio_in = open_audio(name)
                 if per_window:
                     windows = []
-                    for window, embeds in each_window(pipeline, name):
+                    for window, embeds in each_window(pipeline, audio_in):
                         if streaming:
                             stream(f"[{format_clock(window.start_s)}–{format_clock(window.end_s)}] ")
                         answer = pipeline.answer(embeds, prompt, decoding, on_text=stream if streaming else None)
@@ -158,15 +205,17 @@ def ask(
                         windows.append({"start": round(window.start_s, 3), "end": round(window.end_s, 3),
                                         "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason})
                     result = {"audio": shown, "windows": windows}
+                    warn_if_cut_short(audio_in)
                 else:
-                    audio = embed_file(pipeline, name, truncate=truncate)
+                    audio = embed_file(pipeline, audio_in, truncate=truncate)
+                    warn_if_cut_short(audio_in)
                     if audio.truncated:
                         hint = "" if truncate else "; raise --context for more"
-                        warn(f"{shown} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s are used{hint}")
+                        warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
+                             f"are used{hint}")
                     if len(audio.windows) > 1:
-                        print(f"salmonn: notice: {shown}: {len(audio.windows)} windows of audio go to the model back to back, "
-                              f"past the {pipeline.config.max_seconds:g} s the official model was trained on",
-                              file=sys.stderr, flush=True)
+                        notice(f"{quoted(shown)}: {len(audio.windows)} windows of audio go to the model back to back, "
+                               f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
                     answer = pipeline.answer(audio.embeds, prompt, decoding, on_text=stream if streaming else None)
                     if streaming:
                         stream("\n")
@@ -184,6 +233,8 @@ def ask(
                             "decode_tokens_per_s": round(n / answer.decode_s, 2) if n and answer.decode_s > 0 else None,
                         },
                     }
+            except OutputError:
+                raise
             except SalmonnError as e:
                 if len(files) == 1:
                     raise
@@ -204,9 +255,11 @@ def transcribe(
     inputs: list[str] = typer.Argument(..., metavar="AUDIO...", help="Audio files of any length (- reads standard input)."),
     translate: Optional[str] = typer.Option(None, "--translate", help="Translate into LANG (ISO 639-1 code such as de, ja, zh, "
                                             "or an English name) instead of transcribing."),
-    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="txt, srt, vtt or json [default: from the -o extension, else txt]."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout; "
-                                         "with several files, an existing directory."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="txt, srt, vtt or json [default: from the -o extension "
+                                      "(.txt, .srt, .vtt, .json; none: txt)]."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout: a file, "
+                                         "or a directory (existing, or ending in /) that gets NAME.FORMAT per input. "
+                                         "Never an input or a non-regular file; an existing .txt/.srt/.vtt/.json is replaced."),
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per window."),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
@@ -224,40 +277,46 @@ def transcribe(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file (text, segments), as each finishes."),
 ) -> None:
     """Transcribe or translate speech of any length, window by window (times are window-level)."""
-    from salmonn_cli.ask import display_name, open_source
+    from salmonn_cli.ask import display_name
+    from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
+    from salmonn_cli.output_paths import plan_outputs
     from salmonn_cli.pipeline import Pipeline
-    from salmonn_cli.subtitles import format_for_path, write_subtitles
+    from salmonn_cli.subtitles import write_subtitles
     from salmonn_cli.transcribe import TranscribeOptions, task_prompt, transcribe_file
 
     task_prompt(translate)   # an unknown language fails before the model loads
-    out_dir = None
-    if output and len(inputs) > 1:
-        if not Path(output).is_dir():
-            raise SalmonnError(f"with several files, -o must be an existing directory: {output}")
-        out_dir = Path(output)
-    fmt = format_for_path(None if out_dir else output, fmt)
+    check_model_option(model)
+    if inputs.count("-") > 1:
+        raise SalmonnError("standard input (-) can be read only once")
+    if output is not None and jsonl:
+        raise SalmonnError("--jsonl prints to standard output; it does not go with -o")
+    plan = plan_outputs(inputs, output, fmt)     # before any audio is read: nothing is decoded in vain
+    fmt = plan.format
     runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
     failures = Failures()
     with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
         options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
                                     repetition_guard=RepetitionGuard() if repetition_guard else None,
                                     skip_silence=not keep_silence)
-        for name in inputs:
+        for name, target in zip(inputs, plan.targets):
             shown = display_name(name)
-            stream_txt = fmt == "txt" and output is None and not jsonl
+            stream_txt = fmt == "txt" and target is None and not jsonl
             on_segment = (lambda seg: print(seg.text, flush=True)) if stream_txt else None
             try:
-                if len(inputs) > 1 and not (output or jsonl):
-                    print(f"==> {shown} <==", flush=True)
-                result = transcribe_file(pipeline, open_source(name), options, on_segment=on_segment, progress=progress)
+                if len(inputs) > 1 and target is None and not jsonl:
+                    print(f"==> {shown if shown.isprintable() else quoted(shown)} <==", flush=True)
+                audio_in = open_audio(name)
+                result = transcribe_file(pipeline, audio_in, options, on_segment=on_segment, progress=progress)
+                warn_if_cut_short(audio_in)
                 if jsonl:
                     print(json.dumps({**result.metadata(), "text": result.text,
                                       "segments": [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
                                                    for s in result.segments]}, ensure_ascii=False), flush=True)
                 elif not stream_txt:
-                    target = out_dir / f"{Path(shown).stem}.{fmt}" if out_dir else output
                     write_subtitles(result.segments, fmt, target, result.metadata())
+            except OutputError:
+                raise
             except SalmonnError as e:
                 if len(inputs) == 1:
                     raise
@@ -305,6 +364,7 @@ def listen(
         return
     if mic and input_path:
         raise SalmonnError("give either --mic or --input, not both")
+    check_model_option(model)
     options = live.ListenOptions(prompt=live.resolve_prompt(prompt, transcribe), device=live.parse_device(input_device),
                                  input_path=input_path, speed=speed, max_seconds=duration)
     decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -361,40 +421,47 @@ def export(
 
 
 def main() -> None:
+    sys.exit(run())
+
+
+def run() -> int:
+    """The command's exit code; every failure is one line on stderr, never a traceback."""
     debug = bool(os.environ.get(DEBUG_ENV))
+    stdout_guard.install()
     try:
         # without standalone mode click returns (not raises) the code of a typer.Exit
         code = app(standalone_mode=False)
         if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
             print("\nsalmonn: interrupted", file=sys.stderr)
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        sys.stdout.flush()       # a write error still pending is reported here, not at exit
+        return code if isinstance(code, int) else 0
+    except BrokenPipeError:      # `salmonn ... | head -1`: the reader has all it wanted
+        stdout_guard.discard_unwritten()
+        return BROKEN_PIPE
     except SalmonnError as e:
-        print(f"salmonn: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        if isinstance(e, OutputError):
+            stdout_guard.discard_unwritten()
+        say("error: ", str(e))
+        return e.exit_code
     except KeyboardInterrupt:
         print("\nsalmonn: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(1)
+        return INTERRUPTED
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except Exception as e:  # usage errors (typer's click) and anything unexpected: no traceback
         if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
             ctx = getattr(e, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            print(f"salmonn: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            say("error: ", f"{' '.join(e.format_message().split())}{hint}")
+            return e.exit_code
         if type(e).__name__ == "Abort":
             print("\nsalmonn: interrupted", file=sys.stderr)
-            sys.exit(INTERRUPTED)
+            return INTERRUPTED
         if debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"salmonn: internal error: {type(e).__name__}: {message} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        sys.exit(1)
+        say("internal error: ", f"{type(e).__name__}: {message} (set {DEBUG_ENV}=1 for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

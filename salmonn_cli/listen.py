@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
-import soundfile
 import soxr
 
 from salmonn_cli import audio
+from salmonn_cli.audio_input import open_audio
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
@@ -153,25 +153,20 @@ class FileStream:
         self.error: AudioError | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        audio.check_path(path)
+        self._input = open_audio(path)        # "-" is standard input, read as it arrives
         try:
-            with audio.native_stderr_silenced():
-                self._file = soundfile.SoundFile(self.path)
-        except audio.READ_ERRORS as e:
-            raise AudioError(f"cannot read audio file {self.path}: {audio.read_error_reason(e)}") from None
-        try:
-            audio.check_sample_rate(self._file.samplerate, self.path)
+            audio.check_sample_rate(self._input.samplerate, self._input.name)
         except AudioError:
-            self._file.close()
+            self._input.close()
             raise
         self._resampler = None
-        if self._file.samplerate != samplerate:
-            self._resampler = soxr.ResampleStream(self._file.samplerate, samplerate, 1, dtype="float32",
+        if self._input.samplerate != samplerate:
+            self._resampler = soxr.ResampleStream(self._input.samplerate, samplerate, 1, dtype="float32",
                                                   quality=audio.RESAMPLE_QUALITY)
 
     @property
     def name(self) -> str:
-        return self.path
+        return self._input.name
 
     @property
     def active(self) -> bool:
@@ -189,7 +184,7 @@ class FileStream:
 
     def close(self) -> None:
         self.stop()
-        self._file.close()
+        self._input.close()
 
     def __enter__(self) -> "FileStream":
         self.start()
@@ -199,16 +194,17 @@ class FileStream:
         self.close()
 
     def _blocks(self):
-        in_block = max(1, int(round(self.blocksize * self._file.samplerate / self.samplerate)))
-        while True:
-            data = self._file.read(in_block, dtype="float32", always_2d=True)[:, audio.KEPT_CHANNEL]
-            last = len(data) < in_block
+        in_block = max(1, int(round(self.blocksize * self._input.samplerate / self.samplerate)))
+        for data in self._input.blocks(in_block):
+            data = data.astype(np.float32)
             if self._resampler is not None:
-                data = self._resampler.resample_chunk(data, last=last)
+                data = self._resampler.resample_chunk(data)
             if len(data):
                 yield data
-            if last:
-                return
+        if self._resampler is not None:
+            tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if len(tail):
+                yield tail
 
     def _play(self) -> None:
         started = time.monotonic()
@@ -223,8 +219,8 @@ class FileStream:
                     break
                 self.callback(block[:, None], len(block), None, None)
                 played += len(block)
-        except audio.READ_ERRORS as e:
-            self.error = AudioError(f"cannot read audio file {self.path}: {audio.read_error_reason(e)}")
+        except AudioError as e:
+            self.error = e
         finally:
             if self.finished_callback:
                 self.finished_callback()
@@ -279,7 +275,7 @@ def open_source(options: ListenOptions, capture: Capture, sample_rate: int):
     if options.input_path is not None:
         stream = FileStream(options.input_path, sample_rate, int(sample_rate * BLOCK_SECONDS),
                             capture.callback, capture.end, speed=options.speed)
-        return stream, sample_rate, options.input_path
+        return stream, sample_rate, stream.name
     return open_microphone(options.device, capture.callback, capture.end, sample_rate)
 
 

@@ -10,12 +10,13 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator, Protocol, Sequence
 
-from salmonn_cli.errors import SalmonnError
+from salmonn_cli.errors import SalmonnError, quoted
 
 FORMATS = ("txt", "srt", "vtt", "json")
 DEFAULT_FORMAT = "txt"
@@ -95,14 +96,6 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def format_for_path(path: str | os.PathLike | None, fmt: str | None = None) -> str:
-    """The format asked for, else the one the output file's extension names, else txt."""
-    if fmt:
-        return check_format(fmt)
-    suffix = Path(path).suffix.lower().lstrip(".") if path and str(path) != STDOUT_PATH else ""
-    return suffix if suffix in WRITERS else DEFAULT_FORMAT
-
-
 # --- output files --------------------------------------------------------------------------------
 
 def _new_file_mode() -> int:
@@ -114,30 +107,48 @@ def _new_file_mode() -> int:
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[IO[str]]:
     """A text stream that becomes `path` when the block ends without error; on error the
-    temporary file is removed and `path` is not touched."""
-    target = Path(path)
-    if target.is_dir():
-        raise SalmonnError(f"output path is a directory: {target}")
+    temporary file is removed and `path` is not touched. A symbolic link is written through
+    (the file it points to is replaced, the link stays); anything but a regular file is refused."""
+    shown = os.fspath(path)
+    target = Path(os.path.realpath(path))
+    check_replaceable(target, shown)
     if not target.parent.is_dir():
-        raise SalmonnError(f"output directory does not exist: {target.parent}")
+        raise SalmonnError(f"output directory does not exist: {quoted(target.parent)}")
     try:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as e:
-        raise SalmonnError(f"cannot write {target}: {e.strerror}") from None
+        raise SalmonnError(f"cannot write {quoted(shown)}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
             yield out
             out.flush()
             os.fsync(out.fileno())
-        mode = target.stat().st_mode & 0o7777 if target.exists() else _new_file_mode()
-        os.chmod(tmp_name, mode)
+        # checked again: the path may have changed while the transcript was being made
+        mode = check_replaceable(target, shown)
+        os.chmod(tmp_name, _new_file_mode() if mode is None else mode)
         os.replace(tmp_name, target)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(e, OSError):
-            raise SalmonnError(f"cannot write {target}: {e.strerror or e}") from None
+            raise SalmonnError(f"cannot write {quoted(shown)}: {e.strerror or e}") from None
         raise
+
+
+def check_replaceable(target: Path, shown: str) -> int | None:
+    """The permission bits of the regular file at `target`, None when nothing is there; anything
+    else there (a directory, a device, a FIFO, a socket) must never be replaced."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SalmonnError(f"cannot write {quoted(shown)}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SalmonnError(f"output path is a directory: {quoted(shown)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise SalmonnError(f"refusing to write {quoted(shown)}: it is not a regular file")
+    return st.st_mode & 0o7777
 
 
 def write_subtitles(segments: Sequence[TimedText], fmt: str, path: str | os.PathLike | None = None,

@@ -15,11 +15,11 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
+from salmonn_cli.audio_input import AudioInput, open_audio
 from salmonn_cli.decoding import STOP_REPETITION, DecodingOptions, RepetitionGuard, TextStream
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT, TRANSLATE_PROMPT
-from salmonn_cli.windows import (SEAM_SEARCH_SECONDS, WINDOW_SECONDS, AudioWindow, audio_duration,
-                                 iter_windows)
+from salmonn_cli.windows import SEAM_SEARCH_SECONDS, WINDOW_SECONDS, AudioWindow, iter_windows
 
 # The official SALMONN task prompts (train/test_prompt.json: asr, translation_en2de/en2ja).
 TASK_TRANSCRIBE = "transcribe"
@@ -208,7 +208,7 @@ def transcribe_windows(pipeline, windows: Iterator[AudioWindow], options: Transc
     return segments, n_windows, skipped
 
 
-def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO,
+def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
                     options: TranscribeOptions | None = None,
                     on_segment: Callable[[Segment], None] | None = None,
                     progress: bool | None = None) -> Transcript:
@@ -224,9 +224,9 @@ def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO,
         raise SalmonnError(f"the window length must be in (0, {max_seconds:g}] seconds")
     prompt = task_prompt(options.translate)      # fails early on an unknown language
     t0 = time.perf_counter()
-    name = str(getattr(source, "name", "<stdin>")) if hasattr(source, "read") else str(source)
-    total = audio_duration(source)
-    windows = iter_windows(source, pipeline.config.sample_rate, options.window_seconds,
+    audio_in = open_audio(source)
+    name, total = audio_in.name, audio_in.seconds
+    windows = iter_windows(audio_in, pipeline.config.sample_rate, options.window_seconds,
                            min(options.seam_search_seconds, options.window_seconds / 2))
     bar = (WindowProgress(os.path.basename(name), total, forced=bool(progress))
            if progress_wanted(total, options.window_seconds, progress) else None)

@@ -1,8 +1,9 @@
 """Audio of any length as windows of at most 30 s, cut at quiet seams, read and resampled in blocks.
 
-The file is never decoded whole: blocks of `READ_BLOCK_SECONDS` are read (channel 0, as the official
-code keeps), resampled to 16 kHz by one streaming soxr resampler (so block edges leave no seams:
-the output equals resampling the whole file at once), and appended to a buffer that never holds
+The input (a file or a stream, opened by salmonn_cli/audio_input.py) is never decoded whole:
+blocks of `READ_BLOCK_SECONDS` are read (channel 0, as the official code keeps), resampled to
+16 kHz by one streaming soxr resampler (so block edges leave no seams: the output equals
+resampling the whole file at once), and appended to a buffer that never holds
 much more than one window. When the buffer is longer than a window, the window ends at the
 quietest point of its last `SEAM_SEARCH_SECONDS` (lowest short-time energy), so words are not cut.
 """
@@ -13,13 +14,11 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
-import soundfile
 import soxr
 
-from salmonn_cli.audio import (KEPT_CHANNEL, RESAMPLE_QUALITY, SAMPLE_RATE, READ_ERRORS, check_path,
-                               check_sample_rate, native_stderr_silenced, read_error_reason,
-                               too_short_error)
-from salmonn_cli.errors import AudioError
+from salmonn_cli.audio import RESAMPLE_QUALITY, SAMPLE_RATE, check_sample_rate, too_short_error
+from salmonn_cli.audio_input import AudioInput, open_audio
+from salmonn_cli.errors import AudioError, quoted
 
 WINDOW_SECONDS = 30.0          # the model hears at most 30 s at once
 SEAM_SEARCH_SECONDS = 5.0      # a window may end this much early to end in a pause
@@ -45,60 +44,31 @@ class AudioWindow:
         return self.end_s - self.start_s
 
 
-def audio_duration(source: str | os.PathLike | BinaryIO) -> float | None:
-    """Length of the file in seconds from its header; None when the format does not say, or for
-    a stream (reading its header would consume it)."""
-    if hasattr(source, "read"):
-        return None
-    f, _ = _open(source)
-    with f:
-        return f.frames / f.samplerate if f.frames > 0 else None
-
-
-def _open(source: str | os.PathLike | BinaryIO) -> tuple[soundfile.SoundFile, str]:
-    if hasattr(source, "read"):
-        name, target = str(getattr(source, "name", "<stream>")), source
-    else:
-        target = check_path(source)
-        name = str(target)
-    try:
-        with native_stderr_silenced():
-            return soundfile.SoundFile(target), name
-    except READ_ERRORS as e:
-        raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
-
-
-def read_resampled_blocks(source: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE,
+def read_resampled_blocks(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: int = SAMPLE_RATE,
                           block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
-    """Channel 0 of the file at `sample_rate`, as consecutive float64 blocks."""
-    f, name = _open(source)
-    with f:
-        file_rate = f.samplerate
+    """Channel 0 of the input at `sample_rate`, as consecutive float64 blocks (the input is closed
+    at the end)."""
+    with open_audio(source) as audio_in:
+        name, file_rate = audio_in.name, audio_in.samplerate
         check_sample_rate(file_rate, name)
-        block_frames = max(1, int(block_seconds * file_rate))
         stream = None if file_rate == sample_rate else soxr.ResampleStream(
             file_rate, sample_rate, 1, dtype="float64", quality=RESAMPLE_QUALITY)
-        n_read = n_out = 0
-        while True:
-            try:
-                with native_stderr_silenced():
-                    block = f.read(block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL]
-            except READ_ERRORS as e:
-                raise AudioError(f"cannot read audio file {name}: {read_error_reason(e)}") from None
-            last = len(block) < block_frames
+        n_out = 0
+        for block in audio_in.blocks(max(1, int(block_seconds * file_rate))):
             if not np.isfinite(block).all():
-                raise AudioError(f"audio file contains NaN or infinite samples: {name}")
-            n_read += len(block)
-            if last and n_read == 0:
-                raise AudioError(f"audio file has no samples: {name}")
-            out = block if stream is None else stream.resample_chunk(np.ascontiguousarray(block), last=last)
+                raise AudioError(f"audio file contains NaN or infinite samples: {quoted(name)}")
+            out = block if stream is None else stream.resample_chunk(np.ascontiguousarray(block))
             n_out += len(out)
-            if last and n_out == 0:
-                raise too_short_error(name, sample_rate)
             if len(out):
                 yield out
-            if last:
-                return
+        if audio_in.frames_read == 0:
+            raise AudioError(f"audio file has no samples: {quoted(name)}")
+        tail = np.zeros(0) if stream is None else stream.resample_chunk(np.zeros(0), last=True)
+        n_out += len(tail)
+        if n_out == 0:
+            raise too_short_error(name, sample_rate)
+        if len(tail):
+            yield tail
 
 
 def short_time_energy(wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -140,13 +110,13 @@ def quietest_cut(wave: np.ndarray, sample_rate: int, earliest: int, latest: int)
     return min(max(cut, earliest + 1), latest)
 
 
-def iter_windows(source: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE,
+def iter_windows(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: int = SAMPLE_RATE,
                  window_seconds: float = WINDOW_SECONDS,
                  seam_search_seconds: float = SEAM_SEARCH_SECONDS,
                  block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[AudioWindow]:
-    """Consecutive windows covering the whole file, each at most `window_seconds` long.
+    """Consecutive windows covering the whole input, each at most `window_seconds` long.
 
-    Memory stays at about one window plus one block, whatever the file's length.
+    Memory stays at about one window plus one block, whatever the input's length.
     """
     if not 0 <= seam_search_seconds < window_seconds:
         raise ValueError("seam_search_seconds must be in [0, window_seconds)")

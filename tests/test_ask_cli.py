@@ -136,7 +136,7 @@ def test_transcribe_translate_formats_and_many_files(model_f32, tmp_path):
     assert sorted(p.name for p in outdir.iterdir()) == ["short_0p4s.vtt", "speech_2p5s.vtt"]
     assert (outdir / "speech_2p5s.vtt").read_text().startswith("WEBVTT")
     r = salmonn("transcribe", SPEECH, SHORT, "-m", model_f32, "-o", tmp_path / "nodir")
-    assert r.returncode != 0 and "existing directory" in r.stderr
+    assert r.returncode != 0 and "-o must be a directory" in r.stderr
 
 
 PEAK_RSS_SCRIPT = """

@@ -20,6 +20,7 @@ from salmonn_cli import audio, subtitles, windows
 from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, RepetitionGuard,
                                   generate)
 from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.output_paths import format_from_suffix
 from salmonn_cli.transcribe import (LANGUAGES, TRANSCRIBE_PROMPT, Segment, TranscribeOptions,
                                     language_name, progress_wanted, task_prompt, transcribe_file)
 
@@ -188,11 +189,15 @@ def test_txt_and_json(tmp_path, capsys):
 
 
 def test_format_from_option_or_extension():
-    assert subtitles.format_for_path("a/b.SRT") == "srt"
-    assert subtitles.format_for_path("b.vtt", "json") == "json"
-    assert subtitles.format_for_path(None) == subtitles.format_for_path("notes.md") == "txt"
+    assert format_from_suffix("a/b.SRT", None) == "srt"
+    assert format_from_suffix("b.vtt", "json") == "json"
+    assert format_from_suffix("notes", None) == "txt"                 # no extension: txt
+    assert format_from_suffix("talk.wav", "srt") == "srt"             # --format decides
+    for unknown in ("notes.md", "talk.wav", "out.docx"):               # never silently txt
+        with pytest.raises(SalmonnError, match="give --format"):
+            format_from_suffix(unknown, None)
     with pytest.raises(SalmonnError):
-        subtitles.format_for_path("x.srt", "docx")
+        format_from_suffix("x.srt", "docx")
 
 
 def test_output_is_atomic(tmp_path, monkeypatch):
