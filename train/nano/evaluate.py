@@ -11,7 +11,7 @@ cardinal reading of a bare 4-digit number with a decision tree; here 1400..2599 
 ("1969" -> "nineteen sixty nine", "2005" -> "two thousand five"), which agrees with it on ordinary years.
 
 Event accuracy: an answer is right when it names the labelled class: it contains one of the class's
-keywords (`events.EVENT_CLASSES`) at the start of a word ("knock" matches "knocking").
+keywords (`sounds.CLASSES`) at the start of a word ("knock" matches "knocking").
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from train.nano.events import EVENT_CLASSES
+from train.nano.sounds import CLASSES as EVENT_CLASSES
 
 ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
         "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
@@ -203,20 +203,33 @@ def read_entries(annotation_file: str | Path) -> list[dict]:
     return json.loads(Path(annotation_file).read_text(encoding="utf-8"))["annotation"]
 
 
+def is_empty_transcript(answer: str) -> bool:
+    """A transcript of nothing: no word once punctuation is dropped."""
+    return not normalize_words(answer)
+
+
 def score(entries: list[dict], answers: list[str]) -> dict:
-    """WER over the "wer" entries (all, and split into clean speech / speech over events) and event
+    """WER over the "wer" entries (all, and split by kind: synthetic speech, clean or in acoustic conditions;
+    speech over events; real recordings), the share of empty answers over the "empty" entries, and event
     accuracy over the "event" entries (all, and split into event clips / backgrounds behind speech:
     `event_accuracy_event`, `event_accuracy_mix`); counts alongside."""
     if len(entries) != len(answers):
         raise ValueError(f"{len(entries)} entries but {len(answers)} answers")
     result: dict = {}
     groups = {"wer": [(e, a) for e, a in zip(entries, answers) if e.get("metric") == "wer"]}
-    groups["wer_clean"] = [(e, a) for e, a in groups["wer"] if e.get("kind") == "speech"]
+    groups["wer_synthetic"] = [(e, a) for e, a in groups["wer"] if e.get("kind") == "speech"]
+    groups["wer_clean"] = [(e, a) for e, a in groups["wer_synthetic"] if not e.get("condition")]
+    groups["wer_conditions"] = [(e, a) for e, a in groups["wer_synthetic"] if e.get("condition")]
     groups["wer_mix"] = [(e, a) for e, a in groups["wer"] if e.get("kind") == "mix"]
+    groups["wer_real"] = [(e, a) for e, a in groups["wer"] if e.get("kind") == "real"]
     for name, pairs in groups.items():
         if pairs:
             result[name] = word_error_rate([e["text"] for e, _ in pairs], [a for _, a in pairs])
             result[f"n_{name}"] = len(pairs)
+    empty = [a for e, a in zip(entries, answers) if e.get("metric") == "empty"]
+    if empty:
+        result["empty_rate"] = sum(is_empty_transcript(a) for a in empty) / len(empty)
+        result["n_empty"] = len(empty)
     events = {"event_accuracy": [(e, a) for e, a in zip(entries, answers) if e.get("metric") == "event"]}
     events["event_accuracy_event"] = [(e, a) for e, a in events["event_accuracy"] if e.get("kind") == "event"]
     events["event_accuracy_mix"] = [(e, a) for e, a in events["event_accuracy"] if e.get("kind") == "mix"]

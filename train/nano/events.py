@@ -123,12 +123,13 @@ def _repeat(n: int, make: Callable[[], np.ndarray], gap: Callable[[], float], rn
 
 def colored_noise(n: int, rng: np.random.Generator, exponent: float) -> np.ndarray:
     """Noise with power spectrum ~ 1/f^exponent (0 white, 1 pink, 2 brown), unit peak."""
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    freqs = np.fft.rfftfreq(n, 1 / SAMPLE_RATE)
-    freqs[0] = freqs[1] if n > 1 else 1.0
+    size = 1 << max(n - 1, 1).bit_length()      # a power of two: FFTs of long prime-ish lengths are slow
+    spectrum = np.fft.rfft(rng.standard_normal(size))
+    freqs = np.fft.rfftfreq(size, 1 / SAMPLE_RATE)
+    freqs[0] = freqs[1]
     spectrum *= (freqs / 20.0).clip(1.0) ** (-exponent / 2)   # flat below 20 Hz: no DC drift
     spectrum[0] = 0
-    return _normalize_peak(np.fft.irfft(spectrum, n))
+    return _normalize_peak(np.fft.irfft(spectrum, size)[:n])
 
 
 @lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Make the salmonn-nano data set from a seed.")
     parser.add_argument("out_dir", help="output folder (created; existing files of the set are replaced)")
     parser.add_argument("--seed", type=int, default=0, help="the seed every file depends on (default 0)")
-    parser.add_argument("--quick", action="store_true", help="a ~50-clip set for tests and CI")
+    parser.add_argument("--quick", action="store_true", help="a ~40-clip set for tests and CI")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the full set's clip counts")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs)")
     args = parser.parse_args(argv)
