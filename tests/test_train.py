@@ -182,6 +182,7 @@ def test_config_errors_and_overrides(tmp_path):
         load_train_config(path, ["run.amp=fp8"])
     with pytest.raises(ConfigError, match="cpu_amp must be one of"):
         load_train_config(path, ["run.cpu_amp=fp16"])
+    assert load_train_config(path, ['run.cpu_amp="auto"']).run.cpu_amp == "auto"
     for gain in ("-1.0", "nan", "inf"):
         with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
             load_train_config(path, [f"model.beats_stream_gain={gain}"])
@@ -761,3 +762,13 @@ def test_ctc_loss_kept_in_the_lm_stage(base, tmp_path):
     assert all("ctc" not in r for r in plain_log) and all(r["ctc"] > 0 for r in kept_log), kept_log
     assert plain_log[0]["loss"] == kept_log[0]["loss"]
     assert max_diff(trained(plain), trained(kept)) > 0
+
+
+def test_cpu_autocast_auto_follows_the_cpu(monkeypatch):
+    from train import loop
+
+    assert (loop.cpu_autocast_mode("none"), loop.cpu_autocast_mode("bf16")) == ("none", "bf16")
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: True)
+    assert loop.cpu_autocast_mode("auto") == "bf16"
+    monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: False)
+    assert loop.cpu_autocast_mode("auto") == "none"

@@ -137,6 +137,23 @@ class WarmupCosineSchedule:
 
 # --- model ---------------------------------------------------------------------------------------
 
+def cpu_has_bf16_units() -> bool:
+    """AVX-512 BF16 or AMX: without them torch's bf16 matmuls run in a generic fallback loop
+    (`bf16_dot_with_fp32_arith`), slower than fp32 (seen on an AVX2-only AMD EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_autocast_mode(cpu_amp: str) -> str:
+    """`[run] cpu_amp` with "auto" resolved for this CPU."""
+    if cpu_amp == "auto":
+        return "bf16" if cpu_has_bf16_units() else "none"
+    return cpu_amp
+
+
 def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
     """A fresh model, or the previous stage's (`init_checkpoint`: its shapes, LoRA and template)."""
     if m.init_checkpoint:
@@ -362,7 +379,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             if not param.requires_grad:
                 param.data = param.data.to(LLM_DTYPES[r.llm_dtype])
     cache = FrozenEncoderCache(cache_beats=not m.train_beats) if r.cache_encoders else None
-    amp_dtype = AMP_DTYPES.get(r.amp if cuda else r.cpu_amp)
+    amp_dtype = AMP_DTYPES.get(r.amp if cuda else cpu_autocast_mode(r.cpu_amp))
 
     def autocast():
         return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()

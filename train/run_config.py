@@ -15,7 +15,7 @@ from salmonn_cli.config import LoraDims, QFormerDims
 from salmonn_cli.errors import SalmonnError
 
 AMP_MODES = ("fp16", "bf16", "none")
-CPU_AMP_MODES = ("bf16", "none")
+CPU_AMP_MODES = ("auto", "bf16", "none")
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -105,7 +105,7 @@ class RunSection:
     out_dir: str = "runs/stage1"
     seed: int = 42
     amp: str = "fp16"               # GPU autocast ("fp16" official, "bf16", "none")
-    cpu_amp: str = "none"           # CPU autocast: "bf16" (fast where the CPU has bf16 units) or "none" (fp32)
+    cpu_amp: str = "none"           # CPU autocast: "bf16", "none" (fp32), or "auto" (bf16 where the CPU has bf16 units)
     llm_dtype: str = "float32"      # GPU only: dtype of the frozen LLM base weights
     save_every: int = 3000          # steps between checkpoints (and one at the end)
     val_every: int = 3000           # steps between validations (and one at the end)

