@@ -347,3 +347,29 @@ def test_report_refuses_a_bad_beam_count_before_running(beams, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith(f"argument --beams: must be a whole number from 1 to 16, not {beams!r}")
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_long_recording_strings_clean_held_out_speech_together(tmp_path, monkeypatch):
+    from train.nano import report
+
+    entries = []
+    for i, (kind, condition) in enumerate([("speech", None), ("event", None), ("speech", "room"), ("speech", None),
+                                           ("speech", None)]):
+        sf.write(tmp_path / f"{i}.wav", np.full(16000, 0.1 * (i + 1)), 16000, subtype="PCM_16")
+        entry = {"path": f"{i}.wav", "task": "asr", "kind": kind, "text": f"sentence {i}."}
+        entries.append({**entry, "condition": condition} if condition else entry)
+    monkeypatch.setattr(report, "LONG_RECORDING_SECONDS", 4.0)        # three 1 s clips with their pauses
+    path, text, seconds = report.long_recording(tmp_path, entries, tmp_path / "long.wav")
+    assert text == "sentence 0. sentence 3. sentence 4."            # clean speech only, in order
+    wave, rate = sf.read(path)
+    assert rate == 16000 and len(wave) / rate == pytest.approx(seconds) and seconds >= 4.0
+    assert report.long_recording(tmp_path, entries[:2], tmp_path / "short.wav") is None
+
+
+def test_minutes_covered_counts_minutes_with_text():
+    from train.nano.report import minutes_covered
+
+    segments = [{"start": 0.0, "end": 30.0, "text": "a"}, {"start": 30.0, "end": 59.5, "text": "b"},
+                {"start": 125.0, "end": 150.0, "text": "c"}, {"start": 150.0, "end": 170.0, "text": ""}]
+    assert minutes_covered(segments, 200.0) == (2, 4)
+    assert minutes_covered([], 61.0) == (0, 2)
