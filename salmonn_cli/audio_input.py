@@ -97,24 +97,24 @@ class AudioInput:
         self.close()
 
 
-def known_frames(f: soundfile.SoundFile) -> int | None:
-    return f.frames if 0 < f.frames < MAX_PLAUSIBLE_FRAMES else None
+def frame_counts(f: soundfile.SoundFile) -> tuple[int | None, int | None]:
+    """(frames the reader will deliver, frames the header promises); None where unknown.
 
-
-def promised_frames(f: soundfile.SoundFile) -> int | None:
-    """The frames the header promises. libsndfile shortens `frames` to what a cut-short WAV, AIFF
-    or AU file holds and logs the header's own size beside it; that size is scaled back here."""
-    frames = known_frames(f)
+    libsndfile shortens `frames` to what a cut-short WAV, AIFF or AU file holds and logs the
+    header's own data size beside what is there; the promise is scaled back from those. A header
+    with a streaming writer's placeholder size promises nothing; on a pipe, where nothing says what
+    is there, its length is unknown too."""
+    frames = f.frames if 0 < f.frames < MAX_PLAUSIBLE_FRAMES else None
     match = DATA_SIZE_LINE.search(f.extra_info)
     if match is None:
-        return frames
+        return frames, frames
     size = int(match["size"])
-    if size in LENGTH_PLACEHOLDERS:
-        return None
     present = int(match["present"]) if match["present"] else 0
+    if size in LENGTH_PLACEHOLDERS:
+        return (frames if present else None), None
     if frames is not None and 0 < present < size:
-        return round(frames * size / present)
-    return frames
+        return frames, round(frames * size / present)
+    return frames, frames
 
 
 def read_block(f: soundfile.SoundFile, block_frames: int, name: str) -> np.ndarray:
@@ -123,7 +123,7 @@ def read_block(f: soundfile.SoundFile, block_frames: int, name: str) -> np.ndarr
             block = f.read(block_frames, dtype="float64", always_2d=True)
     except READ_ERRORS as e:
         raise AudioError(f"cannot read audio file {quoted(name)}: {read_error_reason(e)}") from None
-    return block[:, KEPT_CHANNEL]
+    return np.ascontiguousarray(block[:, KEPT_CHANNEL])     # not a view: the other channels go now
 
 
 def open_soundfile(target, name: str, closefd: bool = True) -> soundfile.SoundFile:
@@ -142,8 +142,7 @@ class FileInput(AudioInput):
         self._keep_open = keep_open        # the spool file behind `f`, closed (and gone) with it
         self.name = name
         self.samplerate = f.samplerate
-        self.length_frames = known_frames(f)
-        self.header_frames = promised_frames(f)
+        self.length_frames, self.header_frames = frame_counts(f)
 
     def blocks(self, block_frames: int) -> Iterator[np.ndarray]:
         while True:
@@ -214,11 +213,12 @@ class PipeInput(AudioInput):
         # pipe formats' decoders print nothing of their own.
         try:
             with soundfile.SoundFile(read_end, closefd=False) as f:
-                if not self._put((f.samplerate, known_frames(f), promised_frames(f))):
+                if not self._put((f.samplerate, *frame_counts(f))):
                     return
                 self._block_size_set.wait()
                 while not self._stop.is_set():
-                    block = f.read(self._block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL]
+                    block = np.ascontiguousarray(
+                        f.read(self._block_frames, dtype="float64", always_2d=True)[:, KEPT_CHANNEL])
                     if len(block) and not self._put(block):
                         return
                     if len(block) < self._block_frames:
@@ -273,6 +273,10 @@ def seeking_format(head: bytes) -> str | None:
     return None
 
 
+def size_text(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n} bytes"
+
+
 def spool(fd: int, head: bytes, name: str, label: str, limit: int = SPOOL_LIMIT_BYTES) -> BinaryIO:
     """The whole stream in an unnamed temporary file (gone when closed), refused past `limit`."""
     spooled = tempfile.TemporaryFile()
@@ -282,7 +286,7 @@ def spool(fd: int, head: bytes, name: str, label: str, limit: int = SPOOL_LIMIT_
         while chunk := os.read(fd, SPOOL_CHUNK):
             total += len(chunk)
             if total > limit:
-                raise AudioError(f"{quoted(name)} is a {label} stream of more than {limit / 2**20:.0f} MiB; "
+                raise AudioError(f"{quoted(name)} is a {label} stream of more than {size_text(limit)}; "
                                  f"{label} cannot be decoded as it arrives, so salmonn keeps it in a temporary "
                                  "file up to that size: save it to a file and give its path")
             spooled.write(chunk)

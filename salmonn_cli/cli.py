@@ -435,7 +435,7 @@ def run() -> int:
             print("\nsalmonn: interrupted", file=sys.stderr)
         sys.stdout.flush()       # a write error still pending is reported here, not at exit
         return code if isinstance(code, int) else 0
-    except BrokenPipeError:      # `salmonn ... | head -1`: the reader has all it wanted
+    except (stdout_guard.StdoutClosed, BrokenPipeError):   # `salmonn ... | head -1`: the reader has all it wanted
         stdout_guard.discard_unwritten()
         return BROKEN_PIPE
     except SalmonnError as e:

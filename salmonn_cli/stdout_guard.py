@@ -16,8 +16,13 @@ from salmonn_cli.errors import OutputError
 STDOUT_NAME = "standard output"
 
 
+class StdoutClosed(Exception):
+    """The reader of standard output has gone. Not an OSError: click would turn one with EPIPE
+    into a silent exit code 1."""
+
+
 class GuardedStdout:
-    """Wraps a text stream: `write` and `flush` raise BrokenPipeError for a closed pipe and
+    """Wraps a text stream: `write` and `flush` raise StdoutClosed for a closed pipe and
     OutputError for any other OSError; everything else is the wrapped stream's."""
 
     def __init__(self, stream: TextIO):
@@ -27,7 +32,7 @@ class GuardedStdout:
         try:
             return call(*args)
         except BrokenPipeError:
-            raise
+            raise StdoutClosed() from None
         except OSError as e:
             raise OutputError(f"cannot write to {STDOUT_NAME}: {e.strerror or e}") from None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,13 @@ def reference_json():
 # --- the real command line, and models exported once per test session ----------------------------
 
 CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child that is sent Ctrl-C: it gets SIGINT's default disposition even when
+    this test run ignores SIGINT (as a shell's background job does). A process started with
+    SIGINT ignored keeps ignoring it, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def salmonn(*args, env=None, timeout=600, input=None):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import AUDIO, CLI_ENV as ENV, REPO
+from conftest import AUDIO, CLI_ENV as ENV, REPO, default_sigint
 
 from salmonn_cli import listen as listen_module
 from salmonn_cli.decoding import DecodingOptions
@@ -355,7 +355,8 @@ def test_ctrl_c_stops_listening_cleanly(model_dir, speech_recording, tmp_path):
     sf.write(long_wav, np.tile(speech_recording["wave"], 4), RATE, subtype="PCM_16")  # ~31 s at real-time pace
     p = subprocess.Popen([sys.executable, "-m", "salmonn_cli", "listen", "--input", str(long_wav), "-m", str(model_dir),
                           "--max-tokens", "4", "--threads", "1", "--cpu"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+                         preexec_fn=default_sigint)
     try:
         first = p.stdout.readline()      # the first utterance's answer: listening is under way
         p.send_signal(signal.SIGINT)
