@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from salmonn_cli.default_model import (BUILT_FROM_FILE, NANO_DATA_DIR, WEIGHTS_FILE, default_model_dir,
                                        shipped_digest)
 from salmonn_cli.errors import ModelError
+from salmonn_cli.manifest import sha256_of
 
 from test_nano_recipe import needs_base_models
 
@@ -35,6 +37,10 @@ def test_missing_training_extras_is_one_clear_error(tmp_path, monkeypatch):
 def test_an_installation_without_weights_asks_for_a_model(tmp_path):
     with pytest.raises(ModelError, match="ships no salmonn-nano weights"):
         default_model_dir(tmp_path / "empty", tmp_path / "cache" / "nano")
+
+
+def file_digests(model_dir: Path) -> dict[str, str]:
+    return {p.name: sha256_of(p) for p in sorted(model_dir.iterdir())}
 
 
 def answer(stdout: str) -> dict:
@@ -64,7 +70,16 @@ def test_ask_without_model_builds_nano_once_into_the_cache(tmp_path):
     assert sum(BUILD_NOTICE in err for _, _, err in results) == 1
     model_dir = tmp_path / "cache" / "salmonn" / "nano"
     assert (model_dir / BUILT_FROM_FILE).read_text().strip() == shipped_digest()
-    assert [p.name for p in model_dir.parent.iterdir() if p.name.startswith(".nano.build")] == []
+    # only the model is left (the lock and the verification record are salmonn's own small files),
+    # not the 517 MB SmolLM2 folder the build goes through
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == [".nano.lock", "nano", "verified.json"]
+    # stderr is a pipe here: no progress-bar frames, and the real build time at the end
+    build_log = next(err for _, _, err in results if BUILD_NOTICE in err)
+    assert "\r" not in build_log and "it/s" not in build_log, build_log[-2000:]
+    assert re.search(r"^salmonn: salmonn-nano built in \d+ s$", build_log, re.MULTILINE), build_log[-2000:]
+    # a second build gives the same bytes
+    again = default_model_dir(NANO_DATA_DIR, tmp_path / "again" / "nano")
+    assert file_digests(again) == file_digests(model_dir)
     # later runs use the built model as it is
     third = ask_default(env)
     code, out, err = third.wait(timeout=300), *third.communicate()
