@@ -226,6 +226,8 @@ class PipeInput(AudioInput):
                         return
         except READ_ERRORS as e:          # never lost in the thread: the consumer raises it
             self._put(AudioError(f"cannot read audio file {quoted(self.name)}: {read_error_reason(e)}"))
+        except BaseException as e:        # anything else too, or the consumer would wait for ever
+            self._put(AudioError(f"cannot read audio file {quoted(self.name)}: {type(e).__name__}: {e}"))
         finally:
             os.close(read_end)            # the pump's next write fails, and it stops
 

@@ -23,7 +23,7 @@ import soxr
 from salmonn_cli import audio
 from salmonn_cli.audio_input import open_audio
 from salmonn_cli.decoding import DecodingOptions
-from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.errors import AudioError, SalmonnError, quoted
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 from salmonn_cli.vad import EnergyVad, Utterance, VadOptions
 
@@ -311,7 +311,7 @@ def listen(pipeline, options: ListenOptions, decoding: DecodingOptions,
                 on_heard(item)
 
     with stream:
-        log(f"listening to {name} at {rate} Hz (Ctrl-C to stop)")
+        log(f"listening to {quoted(name)} at {rate} Hz (Ctrl-C to stop)")
         while True:
             try:
                 block = capture.queue.get(timeout=QUEUE_POLL_SECONDS)

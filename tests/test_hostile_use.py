@@ -564,4 +564,4 @@ def test_listen_reads_standard_input(model_f32):
     assert r.returncode == 0, stderr_lines(r)
     heard = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert heard and all(0 <= h["start"] < h["end"] <= 2.6 for h in heard)
-    assert "listening to <stdin>" in r.stderr.decode()
+    assert "listening to '<stdin>'" in r.stderr.decode()
