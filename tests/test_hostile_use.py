@@ -36,10 +36,10 @@ from salmonn_cli import audio_input
 from salmonn_cli.errors import AudioError, ModelError
 from salmonn_cli.manifest import MANIFEST_NAME, load_manifest
 from salmonn_cli.output_paths import plan_outputs
+from test_reliability import ERROR_EXIT, assert_one_line_error, stderr_lines
 
 SPEECH = OFFICIAL_TINY / "speech_2p5s.wav"
 PROMPT = "Describe the audio."
-ERROR_EXIT = 2
 INTERRUPT_EXIT = 130
 BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE          # as a shell reports a process ended by SIGPIPE
 FAST = ("--max-tokens", "2", "--threads", "1")
@@ -69,19 +69,6 @@ def run_cli(args, *, env=None, input=None, stdin=None, stdout=subprocess.PIPE, p
     return subprocess.run([sys.executable, "-m", "salmonn_cli", *map(str, args)], input=input, stdin=stdin,
                           stdout=stdout, stderr=subprocess.PIPE, env={**CLI_ENV, **(env or {})},
                           preexec_fn=preexec_fn, pass_fds=pass_fds, timeout=timeout)
-
-
-def stderr_lines(r) -> list[str]:
-    return [line for line in r.stderr.decode(errors="replace").splitlines() if line.strip()]
-
-
-def assert_one_line_error(r, *fragments: str) -> str:
-    lines = stderr_lines(r)
-    assert r.returncode == ERROR_EXIT, (r.returncode, lines)
-    assert len(lines) == 1 and lines[0].startswith("salmonn: error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
