@@ -58,18 +58,12 @@ SOURCES = {
 
 
 @dataclass(frozen=True)
-class SoundClass:
-    """A sound-event class: the same descriptions as events.EventClass, plus its recordings.
+class SoundClass(events.EventClass):
+    """A sound-event class: events.EventClass's descriptions, plus its recordings.
 
     Recordings are "SOURCE:PATTERN" specs: a glob under the source's root, or for gcompris
     "ARCHIVE/GLOB" (ARCHIVE.rcc, GLOB matched against the member's file name). A file matched by
     both lists is held out."""
-    name: str
-    captions: tuple[str, ...]       # answers to "describe the audio"
-    background: str                 # "... while {background}." behind speech
-    source: str                     # answer to "What is making the sound?"
-    noun: str                       # "Can you hear {noun}?"
-    keywords: tuple[str, ...]       # an answer naming the class contains one of these (word starts)
     train: tuple[str, ...] = ()
     held_out: tuple[str, ...] = ()
 
@@ -96,7 +90,7 @@ class SoundFile:
 def _joined(name: str, train: tuple[str, ...] = (), held_out: tuple[str, ...] = ()) -> SoundClass:
     """One of events.py's classes, with its wording, given real recordings."""
     e = events.EVENTS_BY_NAME[name]
-    return SoundClass(e.name, e.captions, e.background, e.source, e.noun, e.keywords, train, held_out)
+    return SoundClass(e.name, e.captions, e.background, e.source, e.noun, e.keywords, train=train, held_out=held_out)
 
 
 def _each(prefix: str, *names: str) -> tuple[str, ...]:
