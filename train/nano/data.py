@@ -287,7 +287,8 @@ def active_rms(x: np.ndarray) -> float:
     """RMS over the 20 ms frames within 30 dB of the loudest one (ignores silence and gaps)."""
     frame = SAMPLE_RATE // 50
     n = max(len(x) // frame, 1)
-    energy = np.mean(np.resize(x[: n * frame] ** 2, (n, frame)), axis=1) if len(x) >= frame else np.array([np.mean(x ** 2)])
+    energy = (np.mean((x[: n * frame] ** 2).reshape(n, frame), axis=1) if len(x) >= frame
+              else np.array([np.mean(x ** 2)]))
     if energy.max() <= 0:
         return 0.0
     return float(np.sqrt(energy[energy >= energy.max() * 1e-3].mean()))

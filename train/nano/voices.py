@@ -129,7 +129,7 @@ def missing_engines() -> list[str]:
 
 def piper_python() -> Path | None:
     """The interpreter of Piper's environment, or None when `make piper` has not made it."""
-    path = Path(os.environ.get("SALMONN_PIPER_PYTHON", PIPER_PYTHON))
+    path = Path(os.environ.get("SALMONN_PIPER_PYTHON") or PIPER_PYTHON)
     return path if path.is_file() else None
 
 
