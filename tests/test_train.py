@@ -632,20 +632,42 @@ def test_ctc_head_greedy_merges_repeats_and_drops_blanks():
     assert head.classes([3, 7]) == [2, 1]
 
 
-def test_alignment_learns_the_targets_and_the_lm_stage_starts_from_it(base, tmp_path, monkeypatch):
+def test_piece_vocabulary_spells_any_word_of_its_alphabet_and_decodes_back():
+    from train.align import PieceCtcHead, PieceVocabulary, spoken_form
+
+    texts = ["The cat sat on the mat.", "A cat! Another cat, that's three cats.", "Nothing at all", ""]
+    vocabulary = PieceVocabulary.train(texts, 40)
+    assert spoken_form("Don't  STOP, 3 cats!") == "don't stop 3 cats"
+    for text in ("the cat sat", "that's another mat", "hat on a cat"):     # "hat" was never heard whole
+        assert vocabulary.decode(vocabulary.encode(text)) == text
+    assert vocabulary.encode("...") == [] and len(vocabulary) <= 40
+    assert PieceVocabulary(vocabulary.serialized).encode("the mat") == vocabulary.encode("the mat")
+
+    head = PieceCtcHead(4, vocabulary)
+    target = head.target("the cat")
+    assert min(target) >= 1                              # class 0 is the blank
+    path = [target[0], target[0], 0] + [c for t in target[1:] for c in (t, 0)]
+    log_probs = torch.full((len(path), 1 + len(vocabulary)), -9.0)
+    log_probs[torch.arange(len(path)), torch.tensor(path)] = 0.0
+    assert head.transcript(log_probs) == "the cat"
+
+
+@pytest.mark.parametrize("pieces", [0, 40])
+def test_alignment_learns_the_targets_and_the_lm_stage_starts_from_it(base, tmp_path, monkeypatch, pieces):
     """`[align] steps`: the CTC loss falls until greedy CTC decoding spells each clip's target; a run that
     finds OUT_DIR/align.pth loads it instead of aligning again and ends bitwise where the aligning run ended."""
     import train.align as align_module
     from train.data import Tokenizer
 
     monkeypatch.setattr(align_module, "LOG_EVERY", 10)
-    steps = 60
+    steps = 120 if pieces else 60                       # a word-piece head starts from random, not from embeddings
     raw = run_config(base, tmp_path / "aligned", model={"lora_dropout": 0.0, "qformer_dropout": 0.0,
                                                          "trim_windows": True},
                      optim={"max_steps": 1, "batch_size": 2}, run={"cache_encoders": True})
-    raw["align"] = {"steps": steps, "lr": 1e-2, "batch_size": 2}
-    with pytest.raises(ConfigError, match=r"\[align\]"):
-        TrainConfig.from_dict({**raw, "align": {"steps": -1}})
+    raw["align"] = {"steps": steps, "lr": 1e-2, "batch_size": 2, "pieces": pieces}
+    for bad in ({"steps": -1}, {"steps": 5, "pieces": 8}, {"steps": 5, "pieces": -1}):
+        with pytest.raises(ConfigError, match=r"\[align\]"):
+            TrainConfig.from_dict({**raw, "align": bad})
     first = train_in_process(raw)
     log = [json.loads(line) for line in (first.parent / "align.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(10, steps + 1, 10))
@@ -661,7 +683,10 @@ def test_alignment_learns_the_targets_and_the_lm_stage_starts_from_it(base, tmp_
         mel, fbank = clip_features(wave, config)
         with torch.no_grad():
             tokens = encode_batch(model, torch.from_numpy(mel)[None], [torch.from_numpy(fbank)])
-            assert head.greedy(head(tokens)[0]) == tokenizer.encode(text), clip
+            if pieces:
+                assert head.transcript(head(tokens)[0]) == text, clip
+            else:
+                assert head.greedy(head(tokens)[0]) == tokenizer.encode(text), clip
 
     again = tmp_path / "again"
     again.mkdir()

@@ -11,7 +11,14 @@ LM stage then starts from tokens that already lie near the embeddings of the wor
 Target: one per clip, its transcript (task asr) when it has one, else its answer for the first other
 task of `[align] tasks` it has (a caption): two targets for the same frames would contradict each
 other. A target longer than the clip's audio tokens cannot be aligned and adds no gradient
-(`zero_infinity`): the windows must be short enough (nano: 0.167 s, ~6 tokens a second of speech).
+(`zero_infinity`): the windows must be short enough for the target's units a second.
+
+The units are either the LLM's own token ids (`CtcHead`, the default) or, with `[align] pieces = N`, a
+vocabulary of N word pieces learned (byte-pair merges) from the training transcripts themselves
+(`PieceCtcHead`, a trained linear classifier). The first puts each audio token near the LLM's embedding of
+the word it carries, but an open-vocabulary set has thousands of ids seen a few times each, and a head
+that must tell them apart from a few examples learns the frequent words only. A few hundred pieces are
+each heard hundreds of times and spell any word, so the connector learns how words sound.
 
 With `[align] tag_field` (an annotation field naming each clip's sound class, e.g. nano's "event") a
 `TagHead` also learns to name that class from the clip's audio tokens (attention pooling over them),
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -96,6 +104,68 @@ class CtcHead(nn.Module):
         """(T, 1 + V) of one clip -> LLM token ids: best class per token, repeats merged, blanks dropped."""
         best = log_probs.argmax(dim=-1).tolist()
         return [int(self.ids[c - 1]) for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
+
+
+def spoken_form(text: str) -> str:
+    """What a transcript's pieces spell: lowercase letters, digits and apostrophes, single spaces."""
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+class PieceVocabulary:
+    """N word pieces learned by byte-pair merges from transcripts (`tokenizers`' BPE, words marked by a
+    leading "▁" as in sentencepiece, so that pieces decode back to the words with their spaces)."""
+
+    UNKNOWN = "<unk>"
+
+    def __init__(self, serialized: str):
+        from tokenizers import Tokenizer
+
+        self.serialized = serialized
+        self._tokenizer = Tokenizer.from_str(serialized)
+
+    @classmethod
+    def train(cls, texts: list[str], size: int) -> "PieceVocabulary":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.BPE(unk_token=cls.UNKNOWN))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=[cls.UNKNOWN], show_progress=False)
+        tokenizer.train_from_iterator(sorted({spoken_form(t) for t in texts} - {""}), trainer)
+        return cls(tokenizer.to_str())
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        text = spoken_form(text)
+        return self._tokenizer.encode(text).ids if text else []
+
+    def decode(self, pieces: list[int]) -> str:
+        return self._tokenizer.decode(pieces).strip()
+
+
+class PieceCtcHead(nn.Module):
+    """Audio tokens (B, T, H) -> log-probabilities (B, T, 1 + N): class 0 is the blank, class k the word
+    piece k - 1 of `vocabulary`, scored by a trained linear layer (after a LayerNorm: the audio tokens
+    may be rescaled to the small RMS of the LLM's embeddings)."""
+
+    def __init__(self, hidden: int, vocabulary: PieceVocabulary):
+        super().__init__()
+        self.vocabulary = vocabulary
+        self.norm = nn.LayerNorm(hidden)
+        self.classifier = nn.Linear(hidden, 1 + len(vocabulary))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.norm(tokens.float())).log_softmax(dim=-1)
+
+    def target(self, text: str) -> list[int]:
+        return [piece + 1 for piece in self.vocabulary.encode(text)]
+
+    def transcript(self, log_probs: torch.Tensor) -> str:
+        """(T, 1 + N) of one clip -> text: best class per token, repeats merged, blanks dropped."""
+        best = log_probs.argmax(dim=-1).tolist()
+        return self.vocabulary.decode([c - 1 for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])])
 
 
 class TagHead(nn.Module):
@@ -175,21 +245,28 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           weight_decay: float, grad_clip: float, seed: int, eos_token_id: int,
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
-          tag_weight: float = 0.0) -> tuple[CtcHead, TagHead | ClipTagHead | None]:
-    """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps; with
+          tag_weight: float = 0.0, pieces: int = 0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
+    """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
+    LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`."""
     from train.loop import decays
 
     device = next(model.parameters()).device
-    ids = sorted({t for s in dataset.samples for t in dataset._tokens(s.text) if t != eos_token_id})
-    head = CtcHead(model.llama_model.get_input_embeddings().weight.detach(), ids).to(device)
+    embeddings = model.llama_model.get_input_embeddings().weight.detach()
+    if pieces:
+        vocabulary = PieceVocabulary.train([s.text for s in dataset.samples], pieces)
+        head = PieceCtcHead(embeddings.shape[1], vocabulary).to(device)
+    else:
+        ids = sorted({t for s in dataset.samples for t in dataset._tokens(s.text) if t != eos_token_id})
+        head = CtcHead(embeddings, ids).to(device)
+    clip_targets = target_classes(dataset, head, eos_token_id)
     tag_head = None
     if tags is not None:
         classes = sorted({tags.get((s.path, *s.expand_wav), "") for s in dataset.samples} | {""})
         if model.clip_token_head is not None:
             tag_head = ClipTagHead(classes, name_embeddings(model, dataset, classes)).to(device)
         else:
-            tag_head = TagHead(head.targets.shape[1], classes).to(device)
+            tag_head = TagHead(embeddings.shape[1], classes).to(device)
     heads = list(head.parameters()) + (list(tag_head.parameters()) if tag_head is not None else [])
     connector = [(n, p) for n, p in model.named_parameters()
                  if p.requires_grad and ".lora_" not in n and not n.startswith("beats.")]
@@ -212,7 +289,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
         with autocast():
             tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
             log_probs = head(tokens)
-        targets = [head.classes([t for t in answer if t != eos_token_id]) for answer in batch.answer_ids]
+        targets = [clip_targets[clip] for clip in batch.clips]
         counts = window_token_counts(model, tokens, batch)
         loss = ctc_loss(log_probs, targets, counts, "mean")
         losses.append(float(loss.detach()))
@@ -244,7 +321,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
     return head, tag_head
 
 
-def save_alignment(path: Path, model: Salmonn, head: CtcHead, checkpoint_config: dict,
+def save_alignment(path: Path, model: Salmonn, head: CtcHead | PieceCtcHead, checkpoint_config: dict,
                    tag_head: TagHead | ClipTagHead | None = None) -> None:
     from train.loop import atomic_save
 
@@ -253,19 +330,25 @@ def save_alignment(path: Path, model: Salmonn, head: CtcHead, checkpoint_config:
 
     saved = {"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
              "head": cpu(head), "config": checkpoint_config}
+    if isinstance(head, PieceCtcHead):
+        saved["pieces"] = head.vocabulary.serialized
     if tag_head is not None:
         saved.update(tag_head=cpu(tag_head), tag_classes=tag_head.classes)
     atomic_save(saved, path)
 
 
-def load_alignment(path: Path, model: Salmonn) -> CtcHead:
+def load_alignment(path: Path, model: Salmonn) -> CtcHead | PieceCtcHead:
     """Put the aligned connector of `path` into `model`; returns the CTC head."""
     from train.official import apply_checkpoint_state
 
     saved = torch.load(path, map_location="cpu", weights_only=True)
     apply_checkpoint_state(model, saved["model"], source=str(path))
     head_state = saved["head"]
-    head = CtcHead(model.llama_model.get_input_embeddings().weight.detach().cpu(), head_state["ids"].tolist())
+    embeddings = model.llama_model.get_input_embeddings().weight.detach().cpu()
+    if "pieces" in saved:
+        head = PieceCtcHead(embeddings.shape[1], PieceVocabulary(saved["pieces"]))
+    else:
+        head = CtcHead(embeddings, head_state["ids"].tolist())
     head.load_state_dict(head_state)
     return head
 
@@ -277,10 +360,20 @@ def alignment_set(dataset: AnnotationDataset, tasks: list[str]) -> AnnotationDat
 
 
 
-def target_classes(dataset: AnnotationDataset, head: CtcHead, eos_token_id: int) -> dict[tuple[str, ...], list[int]]:
+def target_classes(dataset: AnnotationDataset, head: CtcHead | PieceCtcHead,
+                   eos_token_id: int) -> dict[tuple[str, ...], list[int]]:
     """Clip key -> its CTC target as head classes, for the clips of an alignment set."""
+    if isinstance(head, PieceCtcHead):
+        return {(s.path, *s.expand_wav): head.target(s.text) for s in dataset.samples}
     return {(s.path, *s.expand_wav): head.classes([t for t in dataset._tokens(s.text) if t != eos_token_id])
             for s in dataset.samples}
+
+
+def transcript(head: CtcHead | PieceCtcHead, log_probs: torch.Tensor, dataset: AnnotationDataset) -> str:
+    """Greedy CTC decoding of one clip's (T, classes) log-probabilities, as text."""
+    if isinstance(head, PieceCtcHead):
+        return head.transcript(log_probs)
+    return dataset.tokenizer.decode(head.greedy(log_probs))
 
 
 class CtcObjective(nn.Module):

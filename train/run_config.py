@@ -124,6 +124,7 @@ class AlignSection:
     lm_weight: float = 0.0          # the CTC loss kept in the LM stage's objective at this weight; 0 = off
     tag_field: str = ""             # annotation field naming a clip's sound class: learned by a TagHead too; "" = off
     tag_weight: float = 1.0         # that head's cross-entropy weight beside the CTC loss
+    pieces: int = 0                 # CTC units: 0 = the LLM's token ids; N = N word pieces learned from the transcripts
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -186,6 +187,8 @@ class TrainConfig:
             raise ConfigError("[align] lm_weight must be a finite number >= 0, and needs steps > 0 (the CTC head)")
         if not 0 <= a.tag_weight < float("inf"):
             raise ConfigError(f"[align] tag_weight must be a finite number >= 0, not {a.tag_weight}")
+        if isinstance(a.pieces, bool) or not isinstance(a.pieces, int) or a.pieces < 0 or 0 < a.pieces < 32:
+            raise ConfigError(f"[align] pieces must be 0 (the LLM's token ids) or at least 32 word pieces, not {a.pieces!r}")
         if a.tag_field and a.steps == 0:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:

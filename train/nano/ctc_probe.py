@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from salmonn_cli.errors import SalmonnError
+from train.align import transcript
 from train.data import AnnotationDataset, Tokenizer, collate, read_annotations, read_prompts
 from train.encoder_cache import FrozenEncoderCache
 from train.loop import build_model, cpu_autocast_mode, run_alignment, setup_distributed
@@ -45,7 +46,7 @@ def decode(model, head, dataset: AnnotationDataset, autocast) -> list[str]:
                 tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, None)
                 log_probs = head(tokens)
             counts = window_token_counts(model, tokens, batch)
-            texts += [dataset.tokenizer.decode(head.greedy(log_probs[k, :n])) for k, n in enumerate(counts)]
+            texts += [transcript(head, log_probs[k, :n], dataset) for k, n in enumerate(counts)]
     return texts
 
 
