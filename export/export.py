@@ -99,7 +99,7 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 
 def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,
                  force: bool = False, qformer_heads: int | None = None, default_beams: int = 1,
-                 log=print) -> Path:
+                 tasks: list[str] | None = None, log=print) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from export.gguf import official_lora_pairs, write_llama_gguf, write_lora_adapter_gguf
@@ -154,7 +154,7 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
                                  extra={"lora_adapter": LORA_ADAPTER_FILE,
                                         "source": {"checkpoint": Path(ckpt).name,
                                                    "lora_scale": config.lora.scale}},
-                                 default_beams=default_beams)
+                                 default_beams=default_beams, tasks=tasks)
         _write_json(tmp / MANIFEST_NAME, manifest)
         publish(tmp, out, force)
     log(f"exported {out} ({quant}) in {time.time() - started:.1f} s")

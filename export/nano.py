@@ -56,6 +56,7 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
         # progress and log lines go to stderr: stdout belongs to the command's answer (e.g. --json)
         with contextlib.redirect_stdout(sys.stderr):
             export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
-                         quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)), force=True,
+                         quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)),
+                         tasks=recipe.get("tasks"), force=True,
                          log=lambda line: print(line, file=sys.stderr))
     return out

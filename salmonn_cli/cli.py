@@ -283,7 +283,7 @@ def transcribe(
     from salmonn_cli.output_paths import plan_outputs
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.subtitles import write_subtitles
-    from salmonn_cli.transcribe import TranscribeOptions, task_prompt, transcribe_file
+    from salmonn_cli.transcribe import TranscribeOptions, check_trained_for, task_prompt, transcribe_file
 
     task_prompt(translate)   # an unknown language fails before the model loads
     check_model_option(model)
@@ -296,6 +296,7 @@ def transcribe(
     runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
     failures = Failures()
     with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+        check_trained_for(pipeline.manifest, translate)     # once, not once per file
         options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
                                     repetition_guard=RepetitionGuard() if repetition_guard else None,
                                     skip_silence=not keep_silence)

@@ -55,6 +55,9 @@ class Manifest:
     # The decoding the model is answered with unless the user asks otherwise (`salmonn ask --beams`):
     # 1 = greedy. Export writes it under "decoding"; older manifests lack it and mean greedy.
     default_beams: int = 1
+    # The training tasks (the official annotation names: "asr", "translation", "audiocaption", "QA", ...)
+    # the model learned; None = every task of the official SALMONN (its exports, and manifests without the key).
+    tasks: tuple[str, ...] | None = None
 
     def path(self, name: str) -> Path:
         return self.model_dir / name
@@ -63,6 +66,9 @@ class Manifest:
     def exact_attention(self) -> bool:
         """f32 exports exist for fidelity: run them with exact attention (see parity notes)."""
         return self.quant == "f32"
+
+    def trained_for(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
 
     @property
     def merged_lora_scale(self) -> float:
@@ -79,8 +85,10 @@ def sha256_of(path: Path) -> str:
 
 
 def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: str,
-                  model_dir: Path, extra: dict | None = None, default_beams: int = 1) -> dict:
-    """The manifest for the files already written in `model_dir` (hashes computed here)."""
+                  model_dir: Path, extra: dict | None = None, default_beams: int = 1,
+                  tasks: list[str] | None = None) -> dict:
+    """The manifest for the files already written in `model_dir` (hashes computed here); `tasks`: the
+    training tasks of a model that learned only some of the official SALMONN's (None: all of them)."""
     _check_beams(default_beams)
     names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     files = {n: {"sha256": sha256_of(model_dir / n), "size": (model_dir / n).stat().st_size}
@@ -88,6 +96,8 @@ def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: st
     d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
          "audio_encoder": audio_encoder, "llm": llm, "quant": quant,
          "config": config.to_dict(), "files": files, "decoding": {"beams": default_beams}}
+    if tasks is not None:
+        d["tasks"] = list(_checked_tasks(tasks))
     if extra:
         d.update(extra)
     return d
@@ -131,7 +141,8 @@ def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> M
                             audio_encoder=str(d["audio_encoder"]), llm=str(d["llm"]),
                             quant=str(d["quant"]), files=dict(d["files"]),
                             lora_adapter=_optional_name(d, "lora_adapter"),
-                            default_beams=_default_beams(d))
+                            default_beams=_default_beams(d),
+                            tasks=_checked_tasks(d["tasks"]) if "tasks" in d else None)
         check_files(manifest)
         check_config(manifest.config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -254,6 +265,12 @@ def check_files(manifest: Manifest) -> None:
             check_file_name(name, what)
     if not manifest.quant:
         raise ValueError("quant is empty")
+
+
+def _checked_tasks(tasks) -> tuple[str, ...]:
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks must be a list of task names, not {tasks!r}")
+    return tuple(tasks)
 
 
 def _check_beams(beams) -> None:

@@ -24,6 +24,8 @@ from salmonn_cli.windows import SEAM_SEARCH_SECONDS, WINDOW_SECONDS, AudioWindow
 # The official SALMONN task prompts (train/test_prompt.json: asr, translation_en2de/en2ja).
 TASK_TRANSCRIBE = "transcribe"
 TASK_TRANSLATE = "translate"
+# ... and the training task (official annotation name, `Manifest.tasks`) each one needs the model to know
+TRAINING_TASK = {TASK_TRANSCRIBE: "asr", TASK_TRANSLATE: "translation"}
 
 # A window whose loudest sample is below this is silence: it is not sent to the model, which
 # would otherwise invent text for it.
@@ -173,6 +175,15 @@ def is_silent(wave: np.ndarray) -> bool:
     return wave.size == 0 or float(np.max(np.abs(wave))) < 10 ** (SILENCE_PEAK_DBFS / 20)
 
 
+def check_trained_for(manifest, translate: str | None) -> None:
+    """Refuse a task the model never learned: asked anyway, it answers with made-up text."""
+    task = TASK_TRANSLATE if translate else TASK_TRANSCRIBE
+    if not manifest.trained_for(TRAINING_TASK[task]):
+        raise SalmonnError(f"the model in {manifest.model_dir} was not trained to {task} (it learned: "
+                           f"{', '.join(manifest.tasks) or 'nothing'}); to {task}, export the official SALMONN "
+                           "weights with `salmonn export --official-ckpt ...` and pass its folder with --model")
+
+
 def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
     stream = TextStream(piece)
     return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()
@@ -223,6 +234,7 @@ def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
     if not 0 < options.window_seconds <= max_seconds:
         raise SalmonnError(f"the window length must be in (0, {max_seconds:g}] seconds")
     prompt = task_prompt(options.translate)      # fails early on an unknown language
+    check_trained_for(pipeline.manifest, options.translate)
     t0 = time.perf_counter()
     audio_in = open_audio(source)
     name, total = audio_in.name, audio_in.seconds

@@ -18,6 +18,7 @@ from salmonn_cli.errors import ModelError
 from salmonn_cli.manifest import sha256_of
 
 from test_nano_recipe import needs_base_models
+from test_reliability import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 SPOKEN_CLIP = Path("/usr/share/sounds/alsa/Front_Center.wav")     # alsa-utils: "front center"
@@ -84,3 +85,10 @@ def test_ask_without_model_builds_nano_once_into_the_cache(tmp_path):
     third = ask_default(env)
     code, out, err = third.wait(timeout=300), *third.communicate()
     assert code == 0 and BUILD_NOTICE not in err and answer(out) == answers[0]
+    # the manifest names what nano learned; a task it never learned is refused in one line, not answered
+    assert json.loads((model_dir / "salmonn.json").read_text())["tasks"] == ["QA", "asr", "audiocaption"]
+    refused = subprocess.run([sys.executable, "-m", "salmonn_cli", "transcribe", str(SPOKEN_CLIP), str(SPOKEN_CLIP),
+                              "--translate", "de", "--threads", "1"],
+                             cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert_one_line_error(refused, "not trained to translate", "--official-ckpt")
+    assert refused.stdout == b""

