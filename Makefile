@@ -18,7 +18,7 @@ RECIPE_APT_PACKAGES := gcompris-qt-data sonic-pi-samples scratch wesnoth-1.16-da
 # onnxruntime-gpu's files in the project's
 PIPER_VENV ?= .venv-piper
 
-.PHONY: setup system-deps recipe-deps piper demo test clean
+.PHONY: setup setup-cuda llama-cuda system-deps recipe-deps piper demo test clean
 
 setup: system-deps $(VENV)/.installed $(PIPER_VENV)/.installed
 
@@ -45,6 +45,27 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# requirements name the CPU onnxruntime, whose files would overwrite onnxruntime-gpu's
 	$(PY) -m pip install --no-deps faster-whisper==1.2.1
 	touch $@
+
+# CUDA (README, "GPU"): the NVIDIA runtime wheels onnxruntime-gpu loads (CUDA 13 runtime, cuBLAS, cuRAND,
+# cuFFT, NVRTC, cuDNN 9: its `cuda` and `cudnn` extras; salmonn finds them through
+# onnxruntime.preload_dlls(), so running needs no system CUDA toolkit), then llama-cpp-python compiled
+# with GGML_CUDA for Ampere (sm_80, sm_86), Ada (sm_89) and Hopper (sm_90, plus its PTX for newer GPUs).
+# Compiling needs the CUDA toolkit's nvcc (12.4 or newer; $$CUDACXX, the PATH or /usr/local/cuda).
+CUDA_ARCHITECTURES ?= 80-real;86-real;89-real;90
+LLAMA_CPP_SOURCE ?= llama-cpp-python==0.3.36
+LLAMA_PIP_FLAGS ?=
+
+setup-cuda: $(VENV)/.installed
+	$(PY) -m pip install 'onnxruntime-gpu[cuda,cudnn]==1.31.1'
+	@$(MAKE) --no-print-directory llama-cuda
+
+# every core: the CUDA kernels take long to compile (one architecture: a few minutes on 16 cores)
+llama-cuda:
+	@PATH="$$PATH:/usr/local/cuda/bin"; command -v "$${CUDACXX:-nvcc}" >/dev/null || \
+	  { echo "llama-cuda: no nvcc: install the CUDA toolkit (12.4 or newer) or set CUDACXX"; exit 1; }
+	PATH="$$PATH:/usr/local/cuda/bin" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES='$(CUDA_ARCHITECTURES)' -DLLAVA_BUILD=off" \
+	  $(PY) -m pip install --force-reinstall --no-deps --no-cache-dir $(LLAMA_PIP_FLAGS) '$(LLAMA_CPP_SOURCE)'
 
 $(PIPER_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(PIPER_VENV)

@@ -11,9 +11,6 @@ from pathlib import Path
 
 from artefacts import OfficialPaths
 
-CUDA_PROVIDER = "CUDAExecutionProvider"
-
-
 def _timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn(*args)
@@ -25,7 +22,8 @@ def run(official: OfficialPaths, model_dir: Path, clip: Path, threads: int, repe
     import torch
 
     from salmonn_cli import audio, features
-    from salmonn_cli.encoder import AudioEncoder as OrtEncoder, available_providers
+    from salmonn_cli.device import ort_cuda_problem
+    from salmonn_cli.encoder import AudioEncoder as OrtEncoder
     from salmonn_cli.manifest import load_manifest
     from salmonn_cli.trim import mel_frame_count
     from train.model import AudioEncoder as TorchEncoder
@@ -40,9 +38,9 @@ def run(official: OfficialPaths, model_dir: Path, clip: Path, threads: int, repe
     params["qformer_and_projection"] -= params["whisper"] + params["beats"]
     manifest = load_manifest(model_dir)
     ort_encoders = {}
-    for use_gpu in (False, True) if CUDA_PROVIDER in available_providers(True) else (False,):
+    for device in ("cpu", "cuda") if ort_cuda_problem() is None else ("cpu",):
         load_start = time.perf_counter()
-        encoder = OrtEncoder(manifest.path(manifest.audio_encoder), n_threads=threads, use_gpu=use_gpu)
+        encoder = OrtEncoder(manifest.path(manifest.audio_encoder), n_threads=threads, device=device)
         ort_encoders[encoder.provider] = (encoder, time.perf_counter() - load_start)
 
     wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,

@@ -92,14 +92,15 @@ def first_token_seconds(pipeline, clip: Path, prompt: str) -> dict:
 
 
 def run(model_dirs: dict[str, Path], clip: Path, steps: int, repeats: int, threads: int,
-        prompt: str = DEFAULT_PROMPT) -> dict:
+        prompt: str = DEFAULT_PROMPT, device: str = "auto") -> dict:
     from salmonn_cli.audio import load_audio
     from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 
     results = {}
     embeds = None
     for quant, model_dir in model_dirs.items():
-        with Pipeline(str(model_dir), RuntimeOptions(n_threads=threads), max_tokens=steps + 1) as pipeline:
+        with Pipeline(str(model_dir), RuntimeOptions(n_threads=threads, device=device),
+                      max_tokens=steps + 1) as pipeline:
             if embeds is None:
                 embeds, _ = pipeline.embed_wave(load_audio(clip, pipeline.config.sample_rate))
             llm = pipeline.llm
@@ -131,5 +132,6 @@ def run(model_dirs: dict[str, Path], clip: Path, steps: int, repeats: int, threa
                              "runs": [[t[0], t[1]] for t in timings]}
             row["warm_first_token"] = first_token_seconds(pipeline, clip, prompt)
             row["encoder_provider"] = pipeline.encoder.provider
+            row["placement"] = pipeline.placement.as_dict()
             results[quant] = row
     return {"threads": threads, "quants": results, "llama_cpp_python": llama_cpp.__version__}

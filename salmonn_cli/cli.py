@@ -61,12 +61,19 @@ def threads_option():
     return typer.Option(None, "--threads", min=1, help="CPU threads [default: half the cores].")
 
 
+def device_option():
+    return typer.Option("auto", "--device", help="auto: CUDA for the audio encoder and the LLM where each really works, else "
+                        "the CPU; cpu; cuda: fail with one line naming what is missing instead of running on the CPU.")
+
+
 def gpu_layers_option():
-    return typer.Option(0, "--n-gpu-layers", min=-1, help="LLM layers to offload to the GPU (-1 = all; needs a CUDA build of llama-cpp-python).")
+    return typer.Option(None, "--n-gpu-layers", min=-1, help="LLM layers offloaded when the LLM runs on CUDA "
+                        "[default: all]; fewer for a GPU too small for the model, 0 keeps the LLM on the CPU.")
 
 
-def cpu_option():
-    return typer.Option(False, "--cpu", help="Run the audio encoder on the CPU even if CUDA is available.")
+def verbose_option():
+    return typer.Option(False, "--verbose", "-v", help="Say on stderr where each part runs (the encoder's ONNX Runtime "
+                        "provider, the LLM layers on the GPU).")
 
 
 def lora_scale_option():
@@ -91,10 +98,12 @@ def check_model_option(model: Optional[str]) -> None:
         raise SalmonnError("--model is empty: give a model directory, or leave the option out for the default model")
 
 
-def runtime_options(threads, n_gpu_layers, cpu, lora_scale, context):
+def runtime_options(threads, device, n_gpu_layers, lora_scale, context):
+    from salmonn_cli.device import check_device
     from salmonn_cli.pipeline import RuntimeOptions
 
-    options = RuntimeOptions(n_gpu_layers=n_gpu_layers, use_gpu=not cpu, lora_scale=lora_scale, context=context)
+    options = RuntimeOptions(device=check_device(device), n_gpu_layers=n_gpu_layers, lora_scale=lora_scale,
+                             context=context)
     if threads:
         # more threads than cores only makes llama.cpp's threads wait for each other (a run with
         # --threads 999 on 2 cores did not finish in a minute)
@@ -104,6 +113,11 @@ def runtime_options(threads, n_gpu_layers, cpu, lora_scale, context):
             threads = cores
         options.n_threads = threads
     return options
+
+
+def report_placement(pipeline, verbose: bool) -> None:
+    if verbose:
+        say("", pipeline.placement.describe())
 
 
 def split_prompt(inputs: list[str], prompt: Optional[str]) -> tuple[list[str], str]:
@@ -151,8 +165,9 @@ def ask(
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
     per_window: bool = typer.Option(False, "--per-window", help="Answer for each ≤30 s window of the file separately."),
     threads: Optional[int] = threads_option(),
-    n_gpu_layers: int = gpu_layers_option(),
-    cpu: bool = cpu_option(),
+    device: str = device_option(),
+    n_gpu_layers: Optional[int] = gpu_layers_option(),
+    verbose: bool = verbose_option(),
     lora_scale: Optional[float] = lora_scale_option(),
     context: Optional[int] = context_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of streaming text: one object (a list for several files)."),
@@ -176,7 +191,7 @@ def ask(
         raise SalmonnError("give either --json or --jsonl, not both")
     if beams is None and temperature > 0:
         beams = 1                       # sampling: the model's default beam search does not sample
-    options = runtime_options(threads, n_gpu_layers, cpu, lora_scale, context)
+    options = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
     streaming = not (as_json or jsonl)
     failures = Failures()
     results = []
@@ -186,6 +201,7 @@ def ask(
         sys.stdout.flush()
 
     with Pipeline(model, options, max_tokens=max_tokens, beams=beams) as pipeline:
+        report_placement(pipeline, verbose)
         decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                    beams=pipeline.beams)
         for name in files:
@@ -226,6 +242,7 @@ def ask(
                         "truncated": audio.truncated, "windows": len(audio.windows), "prompt_tokens": answer.prompt_tokens,
                         "beams": decoding.beams,
                         "quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
+                        "device": pipeline.placement.as_dict(),
                         "timings": {
                             "encode_s": round(audio.encode_s, 4),
                             "prefill_s": round(answer.prefill_s, 4),
@@ -271,8 +288,9 @@ def transcribe(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr "
                                             "[default: on a terminal, for audio over 30 s]."),
     threads: Optional[int] = threads_option(),
-    n_gpu_layers: int = gpu_layers_option(),
-    cpu: bool = cpu_option(),
+    device: str = device_option(),
+    n_gpu_layers: Optional[int] = gpu_layers_option(),
+    verbose: bool = verbose_option(),
     lora_scale: Optional[float] = lora_scale_option(),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file (text, segments), as each finishes."),
 ) -> None:
@@ -293,9 +311,10 @@ def transcribe(
         raise SalmonnError("--jsonl prints to standard output; it does not go with -o")
     plan = plan_outputs(inputs, output, fmt)     # before any audio is read: nothing is decoded in vain
     fmt = plan.format
-    runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
+    runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
     failures = Failures()
     with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+        report_placement(pipeline, verbose)
         check_trained_for(pipeline.manifest, translate)     # once, not once per file
         options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
                                     repetition_guard=RepetitionGuard() if repetition_guard else None,
@@ -346,8 +365,9 @@ def listen(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     threads: Optional[int] = threads_option(),
-    n_gpu_layers: int = gpu_layers_option(),
-    cpu: bool = cpu_option(),
+    device: str = device_option(),
+    n_gpu_layers: Optional[int] = gpu_layers_option(),
+    verbose: bool = verbose_option(),
     lora_scale: Optional[float] = lora_scale_option(),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per utterance."),
 ) -> None:
@@ -369,13 +389,14 @@ def listen(
     options = live.ListenOptions(prompt=live.resolve_prompt(prompt, transcribe), device=live.parse_device(input_device),
                                  input_path=input_path, speed=speed, max_seconds=duration)
     decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    runtime = runtime_options(threads, n_gpu_layers, cpu, lora_scale, None)
+    runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
 
     def on_heard(heard) -> None:
         print(json.dumps(live.heard_to_dict(heard), ensure_ascii=False) if as_json else live.format_heard(heard),
               flush=True)
 
     with Pipeline(model, runtime, max_tokens=max_tokens) as pipeline:
+        report_placement(pipeline, verbose)
         live.listen(pipeline, options, decoding, on_heard=on_heard,
                     log=lambda m: print(f"salmonn: {m}", file=sys.stderr, flush=True))
 

@@ -1,11 +1,13 @@
 """The audio encoder (Whisper + BEATs + fusion + window Q-Former + projection) through ONNX Runtime."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from salmonn_cli.errors import ModelError, quoted
+from salmonn_cli.device import CUDA_PROVIDER, DeviceError, encoder_providers
+from salmonn_cli.errors import DEBUG_ENV, ModelError, quoted
 
 # Input/output names of the exported graph (export/onnx_encoder.py writes them).
 INPUT_MEL = "mel"
@@ -13,17 +15,14 @@ INPUT_FBANK = "fbank"
 OUTPUT_EMBEDS = "audio_embeds"
 
 
-def available_providers(use_gpu: bool = True) -> list[str]:
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    wanted = (["CUDAExecutionProvider"] if use_gpu else []) + ["CPUExecutionProvider"]
-    return [p for p in wanted if p in have]
-
-
 class AudioEncoder:
-    def __init__(self, path: str | Path, n_threads: int = 1, use_gpu: bool = True):
+    """`device`: auto (CUDA where its provider loads), cpu, or cuda (DeviceError without it).
+    `provider` is the provider the session really runs on."""
+
+    def __init__(self, path: str | Path, n_threads: int = 1, device: str = "auto"):
         import onnxruntime as ort
+
+        providers = encoder_providers(device)
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = n_threads
@@ -33,12 +32,12 @@ class AudioEncoder:
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
         options.log_severity_level = 3
-        # onnxruntime-gpu lists CUDA even when its libraries are absent, then logs a failed load and
-        # falls back to the CPU: keep that quiet, the chosen provider is reported in `provider`.
-        ort.set_default_logger_severity(4)
+        # A CUDA provider that fails to load is logged by ORT, which then runs on the CPU: `provider`
+        # reports that, and --device cuda turns it into an error below.
+        if not os.environ.get(DEBUG_ENV):
+            ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=available_providers(use_gpu))
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # ORT raises its own exception types for corrupt graphs
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load audio encoder {quoted(path)}: {first}") from None
@@ -49,6 +48,9 @@ class AudioEncoder:
             raise ModelError(f"audio encoder {quoted(path)} has inputs {sorted(names)}, "
                              f"expected {INPUT_MEL!r} and {INPUT_FBANK!r}")
         self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA_PROVIDER:
+            raise DeviceError(f"--device cuda: ONNX Runtime's CUDA provider did not load for {quoted(path)} "
+                              f"(set {DEBUG_ENV}=1 to see ONNX Runtime's log)")
 
     def __call__(self, mel: np.ndarray, fbank: np.ndarray) -> np.ndarray:
         """mel (n_mels, frames), fbank (F, 128) -> audio embeddings (n_tokens, llm_hidden) float32."""

@@ -44,9 +44,10 @@ def set_llama_logging(verbose: bool) -> None:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend(verbose: bool = False) -> None:
     global _backend_ready
     if not _backend_ready:
+        set_llama_logging(verbose)
         llama_cpp.llama_backend_init()
         _backend_ready = True
 
@@ -80,8 +81,8 @@ class LlamaModel:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"LLM file not found: {quoted(path)}")
+        init_backend(verbose)
         set_llama_logging(verbose)
-        _init_backend()
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
@@ -182,6 +183,11 @@ class LlamaModel:
     @property
     def n_vocab(self) -> int:
         return self._n_vocab
+
+    @property
+    def n_layer(self) -> int:
+        """Repeating layers (llama.cpp offloads these and the output layer)."""
+        return llama_cpp.llama_model_n_layer(self._model)
 
     @property
     def n_ctx(self) -> int:

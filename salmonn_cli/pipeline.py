@@ -12,6 +12,8 @@ import numpy as np
 from salmonn_cli import audio, features
 from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
                                   generate, is_beam_count)
+from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offloaded_layers, require_cuda,
+                                why_cpu)
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.errors import ModelError, SalmonnError, quoted
 from salmonn_cli.llm import BeamSequences, LlamaModel
@@ -33,8 +35,10 @@ def default_threads() -> int:
 @dataclass
 class RuntimeOptions:
     n_threads: int = field(default_factory=default_threads)
-    n_gpu_layers: int = 0
-    use_gpu: bool = True
+    # auto: CUDA for each part where it works (salmonn_cli/device.py); cpu; cuda: fail without it
+    device: str = "auto"
+    # LLM layers offloaded when the LLM runs on CUDA; None = all
+    n_gpu_layers: int | None = None
     # LoRA scale of the LLM; None keeps the scale merged at export (alpha / r, officially 4.0).
     lora_scale: float | None = None
     # LLM context in tokens; None = DEFAULT_CONTEXT (or what one window needs), capped at the
@@ -98,15 +102,21 @@ class Pipeline:
         beams = self.manifest.default_beams if beams is None else beams
         self.beams = beams
         check_lora_scale(self.manifest, options.lora_scale)
+        check_device(options.device)
+        require_cuda(options.device, options.n_gpu_layers)      # before anything loads
+        gpu_layers = llm_gpu_layers(options.device, options.n_gpu_layers)
         self.encoder = AudioEncoder(self.manifest.path(self.manifest.audio_encoder),
-                                    n_threads=options.n_threads, use_gpu=options.use_gpu)
+                                    n_threads=options.n_threads, device=options.device)
         # every beam holds up to max_tokens cells of its own; the prompt's cells are shared
         self.answer_room = PROMPT_TEXT_BUDGET + beams * max_tokens
         n_ctx = context_size(self.config, options.context, 1 + self.config.n_audio_tokens + self.answer_room)
         self.llm = LlamaModel(self.manifest.path(self.manifest.llm), n_ctx=n_ctx,
-                              n_threads=options.n_threads, n_gpu_layers=options.n_gpu_layers,
+                              n_threads=options.n_threads, n_gpu_layers=gpu_layers,
                               exact=self.manifest.exact_attention,
                               n_seq_max=2 * beams if beams > 1 else 1)
+        self.placement = Placement(self.encoder.provider, offloaded_layers(gpu_layers, self.llm.n_layer),
+                                   self.llm.n_layer + 1,
+                                   why_cpu(options.device, self.encoder.provider, options.n_gpu_layers, gpu_layers))
         if self.llm.n_embd != self.config.llm.hidden_size:
             raise ModelError(f"the GGUF's embedding width {self.llm.n_embd} does not match the "
                              f"audio encoder's {self.config.llm.hidden_size}")

@@ -138,7 +138,7 @@ def test_onnx_clip_token_matches_pytorch(exported, seconds):
     mel, fbank = runtime_features(wave, config)
     with torch.no_grad():
         expected = exported.model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0].numpy()
-    encoder = OnnxAudioEncoder(exported.model_dir / "audio_encoder.onnx", n_threads=1, use_gpu=False)
+    encoder = OnnxAudioEncoder(exported.model_dir / "audio_encoder.onnx", n_threads=1, device="cpu")
     got = encoder(mel[:, :mel_frame_count(config, fbank.shape[0])], fbank)
     assert got.shape == (audio_token_count(config, clip_fbank_frames(config, wave.size)), config.llm.hidden_size)
     diff = float(np.abs(got - expected).max())

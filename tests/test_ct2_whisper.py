@@ -313,7 +313,7 @@ def test_salmonn_on_tiny_en_exports_to_onnx(tiny_en, tmp_path):
     fbank = features.beats_fbank(wave)
     with torch.no_grad():
         expected = model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0].numpy()
-    got = OnnxAudioEncoder(path, n_threads=1, use_gpu=False)(mel, fbank)
+    got = OnnxAudioEncoder(path, n_threads=1, device="cpu")(mel, fbank)
     assert got.shape == (config.n_audio_tokens, config.llm.hidden_size)
     np.testing.assert_allclose(got, expected, rtol=0, atol=EMBEDS_ATOL)
 

@@ -56,7 +56,7 @@ def test_onnx_audio_embeddings_match_pytorch(torch_model, exported, seconds):
     with torch.no_grad():
         expected = model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0].numpy()
     manifest = exported["f32"]
-    got = OnnxAudioEncoder(manifest.path(manifest.audio_encoder), n_threads=1, use_gpu=False)(mel, fbank)
+    got = OnnxAudioEncoder(manifest.path(manifest.audio_encoder), n_threads=1, device="cpu")(mel, fbank)
     assert got.shape == (config.n_audio_tokens, config.llm.hidden_size)
     np.testing.assert_allclose(got, expected, rtol=0, atol=EMBEDS_ATOL)
 

@@ -222,7 +222,7 @@ def model_dir(model_f32):
 
 @pytest.fixture(scope="module")
 def pipeline(model_dir):
-    with Pipeline(str(model_dir), RuntimeOptions(n_threads=1, use_gpu=False), max_tokens=MAX_TOKENS) as p:
+    with Pipeline(str(model_dir), RuntimeOptions(n_threads=1, device="cpu"), max_tokens=MAX_TOKENS) as p:
         yield p
 
 
@@ -308,7 +308,7 @@ try:
     open_microphone("no-such-device", None, None)
 except AudioError as e:
     out["bad_device_error"] = str(e)
-with Pipeline(model, RuntimeOptions(n_threads=1, use_gpu=False), max_tokens=max_tokens) as p:
+with Pipeline(model, RuntimeOptions(n_threads=1, device="cpu"), max_tokens=max_tokens) as p:
     heard = listen(p, ListenOptions(device=device, max_seconds=seconds), DecodingOptions(max_tokens=max_tokens))
 out["heard"] = [heard_to_dict(h) for h in heard]
 print(json.dumps(out))
@@ -354,7 +354,7 @@ def test_ctrl_c_stops_listening_cleanly(model_dir, speech_recording, tmp_path):
     long_wav = tmp_path / "long.wav"
     sf.write(long_wav, np.tile(speech_recording["wave"], 4), RATE, subtype="PCM_16")  # ~31 s at real-time pace
     p = subprocess.Popen([sys.executable, "-m", "salmonn_cli", "listen", "--input", str(long_wav), "-m", str(model_dir),
-                          "--max-tokens", "4", "--threads", "1", "--cpu"],
+                          "--max-tokens", "4", "--threads", "1", "--device", "cpu"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
                          preexec_fn=default_sigint)
     try:

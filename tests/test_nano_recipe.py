@@ -89,7 +89,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     built_manifest = json.loads((built / "salmonn.json").read_text())
     assert built_manifest["config"] == manifest["config"] and built_manifest["decoding"] == manifest["decoding"]
     wave = audio.load_audio(clip, 16000)
-    options = RuntimeOptions(n_threads=1, use_gpu=False)
+    options = RuntimeOptions(n_threads=1, device="cpu")
     embeddings = []
     for model_dir in (model, built):
         with Pipeline(str(model_dir), options, max_tokens=4) as pipeline:

@@ -127,7 +127,7 @@ def build_variant(n_mels: int, root) -> Variant:
     spm = sentencepiece.SentencePieceProcessor(model_file=str(files.llm / "tokenizer.model"))
     pieces = config.prompt_pieces(PROMPT)
     prompt_ids = (spm.encode(pieces[0]), spm.encode(pieces[1]))
-    encoder = AudioEncoder(model_dir / "audio_encoder.onnx", n_threads=1, use_gpu=False)
+    encoder = AudioEncoder(model_dir / "audio_encoder.onnx", n_threads=1, device="cpu")
     with LlamaModel(model_dir / "llm-f32.gguf", n_ctx=N_CTX, n_threads=1, exact=True) as llm:
         gguf_prompt_ids = (llm.tokenize(pieces[0]), llm.tokenize(pieces[1]))
         clips = {name: reference_for_clip(model, config, path, prompt_ids, encoder, llm)

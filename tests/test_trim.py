@@ -261,7 +261,7 @@ def test_onnx_audio_embeddings_match_pytorch(exported, seconds):
     mel, fbank = runtime_features(random_clip(seconds, seed=int(seconds * 10)), config)
     with torch.no_grad():
         expected = exported.model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0].numpy()
-    encoder = OnnxAudioEncoder(exported.model_dir / "audio_encoder.onnx", n_threads=1, use_gpu=False)
+    encoder = OnnxAudioEncoder(exported.model_dir / "audio_encoder.onnx", n_threads=1, device="cpu")
     got = encoder(mel[:, :mel_frame_count(config, fbank.shape[0])], fbank)
     assert got.shape == (audio_token_count(config, fbank.shape[0]), config.llm.hidden_size)
     assert got.shape[0] < config.n_audio_tokens or seconds >= 29.9
