@@ -190,22 +190,26 @@ def parity(tiny_model: Path, fixture: Path, device: str) -> dict:
     from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 
+    from salmonn_cli.encoder import AudioEncoder
+
     reference = json.loads((fixture / "reference.json").read_text())["inputs"]
     rows = {}
-    with Pipeline(str(tiny_model), RuntimeOptions(n_threads=4, device="cpu"), max_tokens=REFERENCE_STEPS) as cpu:
-        cpu_embeds = {name: embed_file(cpu, str(fixture / wav), truncate=True).embeds
-                      for name, wav in REFERENCE_INPUTS.items()}
     with Pipeline(str(tiny_model), RuntimeOptions(n_threads=4, device=device), max_tokens=REFERENCE_STEPS,
                   beams=4) as p:
         placement = p.placement.as_dict()
+        on_device = p.encoder
+        cpu_encoder = AudioEncoder(tiny_model / ENCODER_ONNX, n_threads=4, device="cpu")
         for name, wav in REFERENCE_INPUTS.items():
+            p.encoder = cpu_encoder
+            cpu_embeds = embed_file(p, str(fixture / wav), truncate=True).embeds
+            p.encoder = on_device
             embeds = embed_file(p, str(fixture / wav), truncate=True).embeds
             greedy = p.answer(embeds, PROMPT, DecodingOptions(max_tokens=REFERENCE_STEPS, beams=1)).tokens
             beam4 = p.answer(embeds, PROMPT, DecodingOptions(max_tokens=REFERENCE_STEPS, beams=4)).tokens
             rows[name] = {"greedy": greedy == reference[name]["greedy_ids"][1:],
                           "beam4": beam4 == reference[name]["beam4_ids"][1:],
                           "greedy_tokens": greedy, "beam4_tokens": beam4,
-                          "embeds_max_abs_diff_vs_cpu": float(np.abs(embeds - cpu_embeds[name]).max())}
+                          "embeds_max_abs_diff_vs_cpu": float(np.abs(embeds - cpu_embeds).max())}
     return {"placement": placement, "inputs": rows}
 
 
@@ -494,10 +498,10 @@ def probe() -> dict:
     info.update(onnxruntime=onnxruntime.__version__, ort_providers=onnxruntime.get_available_providers(),
                 ort_cuda_problem=ort_cuda_problem(), llama_cpp_python=llama_cpp.__version__,
                 llama_cuda_problem=llama_cuda_problem())
-    try:
-        import torch
-        info["torch"] = torch.__version__
-    except ImportError:
+    try:      # not imported: torch's CUDA libraries loaded first crash llama.cpp's CUDA build here
+        from importlib.metadata import version
+        info["torch"] = version("torch")
+    except Exception:
         pass
     try:
         info["cpu"] = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
@@ -604,6 +608,8 @@ def markdown(r: dict) -> str:
 
 def run(args) -> int:
     import datetime
+
+    import salmonn_cli.llm  # noqa: F401  before any llama_cpp: it loads ORT's CUDA libraries first
 
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "device": args.device, "errors": {}, "seconds": {}, "steps": args.steps, "repeats": args.repeats}

@@ -37,8 +37,8 @@ kit() {   # on a machine with network and the project's .venv
     # the Python packages the runtime and the export need that the GPU machine lacks (cp312)
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-        -d "$kit/build" "onnxruntime-gpu==$ORT_VERSION" diskcache==5.6.3 soundfile soxr gguf==0.19.0
-    mv "$kit"/build/{diskcache,soundfile,soxr,gguf}-*.whl "$kit/wheels/"
+        -d "$kit/build" "onnxruntime-gpu==$ORT_VERSION" diskcache==5.6.3 soundfile cffi soxr gguf==0.19.0
+    mv "$kit"/build/{diskcache,soundfile,cffi,soxr,gguf}-*.whl "$kit/wheels/"
     # llama-cpp-python's source without what its build does not read (models, docs, tests, tools)
     if [ ! -f "$kit/llsrc.tar.xz" ]; then
         "$py" -m pip download -q --no-deps --no-binary=:all: -d "$kit/build" "llama-cpp-python==$LLAMA_VERSION"
@@ -125,9 +125,11 @@ run() {
     wait_for prepare "${PREPARE_WAIT_S:-300}"
     tail -5 "$STATE/log/prepare.log" >&2
     (cd "$STATE/repo" && PYTHONPATH="$STATE/llama:$SITE:$STATE/repo" SALMONN_SHARED="$STATE/shared" PYTHONUNBUFFERED=1 \
-        "$PY" benchmarks/gpu_bench.py run --work "$STATE/work" --out "$out/section.md" \
+        "$PY" -X faulthandler benchmarks/gpu_bench.py run --work "$STATE/work" --out "$out/section.md" \
         --tiny-model "$STATE/blob/tiny-f32" --fixture "$STATE/shared/fixtures/official-tiny" "$@") \
-        2>&1 | tee "$out/run.log" | grep -v '^\[gpu\]' >&2
+        > "$out/run.log" 2>&1
+    say "gpu_bench.py exited with code $? (139: a crash; run.log has its stack)"
+    grep -v '^\[gpu\]' "$out/run.log" >&2
     cp "$STATE"/log/*.log "$out/" 2>/dev/null
     true
 }

@@ -119,6 +119,23 @@ def _look_at_ort() -> str | None:
     return None
 
 
+def preload_cuda_libraries() -> None:
+    """Load the NVIDIA wheels' CUDA libraries before llama.cpp's CUDA build is imported: it then binds to
+    them too. Loaded after it, a second cudart/cuBLAS beside the toolkit's it was linked with crashes
+    model loading (seen on an H200: segmentation fault in llama_model_load_from_file)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    if (driver_problem() is None and hasattr(ort, "preload_dlls")
+            and CUDA_PROVIDER in ort.get_available_providers()):
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                ort.preload_dlls()
+            except Exception:
+                pass
+
+
 def encoder_providers(device: str) -> list[str]:
     """The providers to open the encoder's session with; raises DeviceError for `cuda` without one."""
     if device == "cpu":

@@ -9,10 +9,14 @@ import ctypes
 import sys
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
+from salmonn_cli.device import preload_cuda_libraries
 
-from salmonn_cli.errors import ModelError, SalmonnError, quoted
+preload_cuda_libraries()    # before llama_cpp: its CUDA build must bind to the CUDA libraries ORT uses
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from salmonn_cli.errors import ModelError, SalmonnError, quoted  # noqa: E402
 
 MAX_UBATCH = 512            # physical batch; the logical batch (n_batch) is the whole context
 PIECE_BUFFER_BYTES = 64

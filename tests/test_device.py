@@ -189,3 +189,24 @@ def test_setup_cuda_builds_llama_cpp_for_the_common_architectures():
     r = subprocess.run(["make", "-n", "llama-cuda"], capture_output=True, text=True, cwd=REPO)
     assert "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES='80-real;86-real;89-real;90'" in r.stdout
     assert "llama-cpp-python==0.3.36" in r.stdout
+
+
+def test_cuda_libraries_are_loaded_before_llama_cpp_only_where_a_driver_is(monkeypatch, capsys):
+    """A CUDA build of llama.cpp imported before onnxruntime-gpu's NVIDIA libraries crashed on an H200
+    (two cuBLAS/cudart copies): salmonn_cli.llm loads them first, quietly, and only with a driver."""
+    fake = FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", fake)
+    monkeypatch.setattr(device, "driver_problem", lambda: "no NVIDIA driver (libcuda.so.1 is not installed)")
+    device.preload_cuda_libraries()
+    assert not fake.preloaded
+    monkeypatch.setattr(device, "driver_problem", lambda: None)
+    device.preload_cuda_libraries()
+    assert fake.preloaded and capsys.readouterr().out == ""
+
+
+def test_importing_the_runtime_prints_nothing():
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import salmonn_cli.llm, salmonn_cli.pipeline"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
