@@ -15,11 +15,13 @@ import statistics
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
+import salmonn_cli.llm  # noqa: F401  first: it loads the CUDA libraries llama.cpp's CUDA build binds to
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.prompt import build_prompt
+
+import llama_cpp  # noqa: E402  (isort: skip)
 
 DEFAULT_PROMPT = "Describe the audio."
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-import llama_cpp
-
 from salmonn_cli.errors import ModelError
-from salmonn_cli.llm import set_llama_logging
+from salmonn_cli.llm import set_llama_logging  # first: it loads the CUDA libraries llama.cpp binds to
+
+import llama_cpp  # noqa: E402  (isort: skip)
 
 # name -> llama.cpp llama_ftype. k-quants need rows divisible by 256; llama.cpp falls back to
 # another type per tensor where they are not (all of a tiny test model).
