@@ -13,14 +13,20 @@ from conftest import CLI_ENV, default_sigint
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 
 
+def environment(changes: dict | None) -> dict:
+    env = {**CLI_ENV, **(changes or {})}
+    return {k: v for k, v in env.items() if v is not None}
+
+
 class ServerProcess:
     def __init__(self, *args, timeout: float = 300, env: dict | None = None):
+        """`salmonn serve --port 0 ARGS...`; `env` adds to the tests' environment (None values remove)."""
         self.lines: list[str] = []
         self._finished = False               # its stderr has ended
         self._new_line = threading.Condition()
         self.proc = subprocess.Popen([sys.executable, "-m", "salmonn_cli", "serve", "--port", "0", *map(str, args)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**CLI_ENV, **(env or {})}, preexec_fn=default_sigint)
+                                     env=environment(env), preexec_fn=default_sigint)
         threading.Thread(target=self._read, daemon=True).start()
         line = self.wait_for(LISTENING.search, timeout)
         self.url = LISTENING.search(line)[1]

@@ -299,6 +299,7 @@ async def chat_completions(request, server) -> object:
             first = await events.get()
             if first is END:
                 await model_result(task, chat)      # raises what went wrong
+                raise bad_request("the audio holds no samples", param=chat.audio_param)
     stream = ChunkStream(server.model_id)
 
     async def chunks():

@@ -87,9 +87,12 @@ class DrainingServer(uvicorn.Server):
             try:
                 yield
             finally:
-                if self._captured_signals:
-                    log_line("stopping: answering the requests already in, then exiting")
                 self._captured_signals.clear()
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            log_line("stopping: answering the requests already in, then exiting")
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
