@@ -424,8 +424,9 @@ def serve(
                                         "that ask for none, and the most beams a request may ask for "
                                         "[default: the model's own, from its manifest]."),
     threads: Optional[int] = threads_option(),
-    n_gpu_layers: int = gpu_layers_option(),
-    cpu: bool = cpu_option(),
+    device: str = device_option(),
+    n_gpu_layers: Optional[int] = gpu_layers_option(),
+    verbose: bool = verbose_option(),
     lora_scale: Optional[float] = lora_scale_option(),
     context: Optional[int] = context_option(),
 ) -> None:
@@ -440,10 +441,11 @@ def serve(
     check_model_option(model)
     if api_key is not None and not api_key.strip():
         raise SalmonnError("--api-key is empty")
-    runtime = runtime_options(threads, n_gpu_layers, cpu, None, context)
+    runtime = runtime_options(threads, device, n_gpu_layers, None, context)
     options = ServeOptions(host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, queue=queue,
                            max_tokens=max_tokens, beams=beams, lora_scale=lora_scale)
-    raise typer.Exit(run_server(model, runtime, options, notice=notice))
+    raise typer.Exit(run_server(model, runtime, options, notice=notice,
+                                on_loaded=lambda pipeline: report_placement(pipeline, verbose)))
 
 
 @app.command()

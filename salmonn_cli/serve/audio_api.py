@@ -19,7 +19,8 @@ from salmonn_cli.serve.chat import MAX_TEMPERATURE
 from salmonn_cli.serve.errors import bad_request, from_salmonn_error
 from salmonn_cli.serve.params import form_number
 from salmonn_cli.subtitles import WRITERS
-from salmonn_cli.transcribe import TranscribeOptions, Transcript, language_name, transcribe_file
+from salmonn_cli.transcribe import (TranscribeOptions, Transcript, check_trained_for, language_name,
+                                   transcribe_file)
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 TEXT_WRITERS = {"text": "txt", "srt": "srt", "vtt": "vtt"}
@@ -115,6 +116,10 @@ async def audio_route(request, server, *, translation: bool):
         fields, files = await read_form(request, server.upload_limit)
         upload = parse_audio_request(fields, files, translation=translation, max_tokens=server.max_tokens,
                                      default_beams=server.default_beams, max_beams=server.max_beams)
+        try:
+            check_trained_for(server.worker.pipeline.manifest, upload.translate)   # before it waits in the queue
+        except SalmonnError as e:
+            raise from_salmonn_error(e, param="language" if translation else None) from None
 
         def work(pipeline, job):
             pipeline.use_lora_scale(server.lora_scale if upload.lora_scale is None else upload.lora_scale)

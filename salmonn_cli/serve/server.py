@@ -100,7 +100,8 @@ class DrainingServer(uvicorn.Server):
             self.on_started()
 
 
-def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[str], None]) -> int:
+def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[str], None],
+          on_loaded: Callable[[object], None] = lambda pipeline: None) -> int:
     from salmonn_cli.pipeline import Pipeline
 
     sock = bind(options.host, options.port)
@@ -113,6 +114,7 @@ def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[s
         raise
     worker = ModelWorker(pipeline, options.queue)
     try:
+        on_loaded(pipeline)
         pipeline.use_lora_scale(options.lora_scale)        # a model without the adapter fails here, not per request
         manifest = pipeline.manifest
         state = ServerState(
