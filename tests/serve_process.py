@@ -28,7 +28,12 @@ class ServerProcess:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=environment(env), preexec_fn=default_sigint)
         threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_for(LISTENING.search, timeout)
+        try:
+            line = self.wait_for(LISTENING.search, timeout)
+        except BaseException:
+            self.proc.kill()                 # a server that did not start is not left behind
+            self.proc.wait()
+            raise
         self.url = LISTENING.search(line)[1]
         self.port = int(self.url.rsplit(":", 1)[1])
 

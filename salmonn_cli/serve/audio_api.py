@@ -12,12 +12,17 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from starlette.responses import JSONResponse, Response
+
 from salmonn_cli.audio import MemoryAudio
 from salmonn_cli.decoding import MAX_BEAMS, DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.serve.body import read_form
 from salmonn_cli.serve.chat import MAX_TEMPERATURE
-from salmonn_cli.serve.errors import bad_request, from_salmonn_error
+from salmonn_cli.serve.disconnect import watch_disconnect
+from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
 from salmonn_cli.serve.params import form_number
+from salmonn_cli.serve.worker import CancellableGuard, ClientGone
 from salmonn_cli.subtitles import WRITERS
 from salmonn_cli.transcribe import (TranscribeOptions, Transcript, check_trained_for, language_name,
                                    transcribe_file)
@@ -73,8 +78,6 @@ def parse_audio_request(fields: dict[str, str], files: dict[str, tuple[str, byte
 
 def transcribe_upload(pipeline, job, request: AudioRequest) -> Transcript:
     """As `salmonn transcribe` (its default repetition guard, silent windows skipped)."""
-    from salmonn_cli.serve.worker import CancellableGuard
-
     options = TranscribeOptions(translate=request.translate, decoding=request.decoding,
                                 repetition_guard=CancellableGuard(job))
     return transcribe_file(pipeline, MemoryAudio(request.audio, request.name), options,
@@ -105,13 +108,6 @@ def render(transcript: Transcript, request: AudioRequest) -> tuple[str, object]:
 
 
 async def audio_route(request, server, *, translation: bool):
-    from starlette.responses import JSONResponse, Response
-
-    from salmonn_cli.serve.body import read_form
-    from salmonn_cli.serve.disconnect import watch_disconnect
-    from salmonn_cli.serve.errors import APIError
-    from salmonn_cli.serve.worker import ClientGone
-
     with server.worker.admit() as job:
         fields, files = await read_form(request, server.upload_limit)
         upload = parse_audio_request(fields, files, translation=translation, max_tokens=server.max_tokens,

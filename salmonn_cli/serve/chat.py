@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import anyio
+from starlette.responses import JSONResponse, StreamingResponse
 
 from salmonn_cli.ask import each_window, embed_file, format_clock
 from salmonn_cli.audio import MemoryAudio
@@ -25,8 +26,11 @@ from salmonn_cli.audio_input import open_audio
 from salmonn_cli.decoding import MAX_BEAMS, DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.prompt import check_instruction
+from salmonn_cli.serve.body import read_json
+from salmonn_cli.serve.disconnect import watch_disconnect
 from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
 from salmonn_cli.serve.params import flag, number
+from salmonn_cli.serve.worker import ClientGone
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 FINISH_REASONS = {"eos": "stop", "max_tokens": "length", "context_full": "length"}
@@ -267,11 +271,6 @@ END = object()
 
 async def chat_completions(request, server) -> object:
     """The route's body: `server` is the app's `ServerState`."""
-    from starlette.responses import JSONResponse, StreamingResponse
-
-    from salmonn_cli.serve.body import read_json
-    from salmonn_cli.serve.disconnect import watch_disconnect
-
     with server.worker.admit() as job:
         body = await read_json(request, server.upload_limit)
         chat = parse_chat(body, max_tokens=server.max_tokens, default_beams=server.default_beams,
@@ -335,8 +334,6 @@ async def chat_completions(request, server) -> object:
 
 
 async def model_result(task: asyncio.Future, chat: ChatRequest) -> ChatResult:
-    from salmonn_cli.serve.worker import ClientGone
-
     try:
         return await task
     except SalmonnError as e:
