@@ -768,13 +768,14 @@ def test_trimmed_clip_features_equal_the_full_window(tiny_model):
         assert np.array_equal(fbank, features.beats_fbank(wave))
 
 
-def test_ctc_loss_kept_in_the_lm_stage(base, tmp_path):
+@pytest.mark.parametrize("pieces", [0, 40])
+def test_ctc_loss_kept_in_the_lm_stage(base, tmp_path, pieces):
     """`[align] lm_weight`: the CTC loss stays in the LM stage's objective: logged per step as `ctc`, the
     logged LM loss of the first step unchanged (same start), the trained connector different."""
     def config(name: str, lm_weight: float) -> dict:
         raw = run_config(base, tmp_path / name, model={"lora_dropout": 0.0, "qformer_dropout": 0.0, "trim_windows": True},
                          optim={"max_steps": 3, "batch_size": 2}, run={"cache_encoders": True})
-        raw["align"] = {"steps": 5, "lr": 1e-2, "batch_size": 2, "lm_weight": lm_weight}
+        raw["align"] = {"steps": 5, "lr": 1e-2, "batch_size": 2, "lm_weight": lm_weight, "pieces": pieces}
         return raw
 
     with pytest.raises(ConfigError, match="lm_weight"):
