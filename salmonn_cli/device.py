@@ -6,16 +6,14 @@ what is reported is what the libraries say they use, never what was asked for. T
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from salmonn_cli.cuda_libraries import CUDA_PROVIDER, driver_problem, preload_quietly
 from salmonn_cli.errors import SalmonnError
 
 DEVICES = ("auto", "cpu", "cuda")
-CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
@@ -27,33 +25,6 @@ def check_device(device: str) -> str:
     if device not in DEVICES:
         raise SalmonnError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
     return device
-
-
-# --- the NVIDIA driver ---------------------------------------------------------------------------
-
-_driver_problem: str | None | bool = False      # False: not looked at yet
-
-
-def driver_problem() -> str | None:
-    """None when the NVIDIA driver loads and sees a GPU, else what is wrong (checked once)."""
-    global _driver_problem
-    if _driver_problem is False:
-        _driver_problem = _look_at_driver()
-    return _driver_problem
-
-
-def _look_at_driver() -> str | None:
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return "no NVIDIA driver (libcuda.so.1 is not installed)"
-    rc = cuda.cuInit(0)
-    if rc != 0:
-        return f"the NVIDIA driver cannot start CUDA (cuInit error {rc}: no GPU, or a driver/kernel mismatch)"
-    count = ctypes.c_int(0)
-    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return "the NVIDIA driver sees no GPU"
-    return None
 
 
 # --- ONNX Runtime's CUDA provider ----------------------------------------------------------------
@@ -107,33 +78,11 @@ def _look_at_ort() -> str | None:
     if problem:
         return problem
     major = _cuda_major()
-    if hasattr(ort, "preload_dlls"):
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                ort.preload_dlls()
-            except Exception:      # a missing library is named below
-                pass
+    preload_quietly(ort)       # a library still missing is named below
     missing = [what for what, soname in _runtime_libraries(major) if not _loads(soname)]
     if missing:
         return f"{', '.join(dict.fromkeys(missing))} not found (make setup-cuda installs NVIDIA's runtime wheels)"
     return None
-
-
-def preload_cuda_libraries() -> None:
-    """Load the NVIDIA wheels' CUDA libraries before llama.cpp's CUDA build is imported: it then binds to
-    them too. Loaded after it, a second cudart/cuBLAS beside the toolkit's it was linked with crashes
-    model loading (seen on an H200: segmentation fault in llama_model_load_from_file)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
-    if (driver_problem() is None and hasattr(ort, "preload_dlls")
-            and CUDA_PROVIDER in ort.get_available_providers()):
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                ort.preload_dlls()
-            except Exception:
-                pass
 
 
 def encoder_providers(device: str) -> list[str]:

@@ -9,7 +9,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-from salmonn_cli.device import preload_cuda_libraries
+from salmonn_cli.cuda_libraries import preload_cuda_libraries
 
 preload_cuda_libraries()    # before llama_cpp: its CUDA build must bind to the CUDA libraries ORT uses
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import OFFICIAL_TINY, REPO, salmonn
-from salmonn_cli import device
+from salmonn_cli import cuda_libraries, device
 from salmonn_cli.errors import SalmonnError
 
 CLIP = OFFICIAL_TINY / "speech_2p5s.wav"
@@ -20,7 +20,7 @@ FAST = ("--max-tokens", "2", "--threads", "1")
 @pytest.fixture(autouse=True)
 def fresh_findings(monkeypatch):
     """Each test looks again (the module caches what it found once per process)."""
-    monkeypatch.setattr(device, "_driver_problem", False)
+    monkeypatch.setattr(cuda_libraries, "_driver_problem", False)
     monkeypatch.setattr(device, "_ort_problem", False)
 
 
@@ -109,7 +109,7 @@ def test_a_provider_that_does_not_load_is_an_error_not_a_cpu_run(model_f32, monk
 
 
 def no_cuda_driver() -> bool:
-    device._driver_problem = False
+    cuda_libraries._driver_problem = False
     return device.driver_problem() is not None
 
 
@@ -196,11 +196,11 @@ def test_cuda_libraries_are_loaded_before_llama_cpp_only_where_a_driver_is(monke
     (two cuBLAS/cudart copies): salmonn_cli.llm loads them first, quietly, and only with a driver."""
     fake = FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", fake)
-    monkeypatch.setattr(device, "driver_problem", lambda: "no NVIDIA driver (libcuda.so.1 is not installed)")
-    device.preload_cuda_libraries()
+    monkeypatch.setattr(cuda_libraries, "driver_problem", lambda: "no NVIDIA driver (libcuda.so.1 is not installed)")
+    cuda_libraries.preload_cuda_libraries()
     assert not fake.preloaded
-    monkeypatch.setattr(device, "driver_problem", lambda: None)
-    device.preload_cuda_libraries()
+    monkeypatch.setattr(cuda_libraries, "driver_problem", lambda: None)
+    cuda_libraries.preload_cuda_libraries()
     assert fake.preloaded and capsys.readouterr().out == ""
 
 
