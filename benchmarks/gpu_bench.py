@@ -242,10 +242,10 @@ def encoder(work: Path, official_dir: Path, clip: Path, device: str, repeats: in
     """ms per clip for each engine on the same features; max |Δ| against ORT fp32 on the device."""
     import numpy as np
 
-    from salmonn_cli import audio, features
+    from salmonn_cli import audio
     from salmonn_cli.encoder import AudioEncoder as OrtEncoder
     from salmonn_cli.manifest import load_manifest
-    from salmonn_cli.trim import mel_frame_count
+    from salmonn_cli.pipeline import encoder_inputs
 
     if quick:
         onnx_path = tiny_model / ENCODER_ONNX
@@ -258,10 +258,7 @@ def encoder(work: Path, official_dir: Path, clip: Path, device: str, repeats: in
         config = encoder_config()
     wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
                                   config.min_seconds, config.max_seconds)
-    fbank = features.beats_fbank(wave)
-    mel = features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels,
-                                       n_samples=int(config.max_seconds * config.sample_rate))
-    mel = mel[:, :mel_frame_count(config, len(fbank))]
+    mel, fbank = encoder_inputs(wave, config)
     engines, outputs, rows, errors = {}, {}, {}, {}
 
     def add(name, make):
@@ -424,10 +421,10 @@ def torch_fp16_main(official_dir: Path, clip: Path, steps: int) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from official_format import llama_hf_config
 
-    from salmonn_cli import audio, features
+    from salmonn_cli import audio
+    from salmonn_cli.pipeline import encoder_inputs
     from train.model import AudioEncoder as TorchEncoder
     from train.official import load_official
-    from salmonn_cli.trim import mel_frame_count
 
     config7 = artefacts.bench_config("7b")
     o = official_dir
@@ -455,10 +452,7 @@ def torch_fp16_main(official_dir: Path, clip: Path, steps: int) -> dict:
             start = time.perf_counter()
             wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
                                           config.min_seconds, config.max_seconds)
-            fbank = features.beats_fbank(wave)
-            mel = features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels,
-                                               n_samples=int(config.max_seconds * config.sample_rate))
-            mel = mel[:, :mel_frame_count(config, len(fbank))]
+            mel, fbank = encoder_inputs(wave, config)
             audio_embeds = enc(torch.from_numpy(mel[None]).to("cuda", torch.float16),
                                torch.from_numpy(fbank[None]).to("cuda", torch.float16))
             torch.cuda.synchronize()

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from salmonn_cli import audio, features
+from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
                                   generate, is_beam_count)
 from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offloaded_layers, require_cuda,
@@ -90,6 +91,15 @@ def context_size(config, requested: int | None, needed: int) -> int:
     return min(trained, requested if requested is not None else max(needed, DEFAULT_CONTEXT))
 
 
+def encoder_inputs(wave: np.ndarray, config: SalmonnConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A clip already fitted to the window (`audio.fit_to_window`) -> what the audio encoder reads: the
+    Whisper log-mel (over `max_seconds`, cut to the clip's windows' columns) and the BEATs fbank."""
+    mel = features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels,
+                                       n_samples=int(config.max_seconds * config.sample_rate))
+    fbank = features.beats_fbank(wave)
+    return mel[:, :mel_frame_count(config, len(fbank))], fbank
+
+
 class Pipeline:
     def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int,
                  beams: int | None = 1):
@@ -166,10 +176,8 @@ class Pipeline:
         cfg = self.config
         t0 = time.perf_counter()
         wave, _ = audio.fit_to_window(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
-        mel = features.log_mel_spectrogram(wave, n_mels=cfg.whisper.n_mels,
-                                           n_samples=int(cfg.max_seconds * cfg.sample_rate))
-        fbank = features.beats_fbank(wave)
-        embeds = self.encoder(mel[:, :mel_frame_count(cfg, len(fbank))], fbank)
+        mel, fbank = encoder_inputs(wave, cfg)
+        embeds = self.encoder(mel, fbank)
         expected = (audio_token_count(cfg, len(fbank)), cfg.llm.hidden_size)
         if embeds.shape != expected:
             raise ModelError(f"audio encoder returned {embeds.shape}, the manifest says {expected}")
