@@ -29,27 +29,6 @@ def llm_file_name(quant: str) -> str:
     return f"llm-{quant}.gguf"
 
 
-def checkpoint_sources(ckpt_path: Path) -> dict:
-    """The base-model paths a checkpoint's config names (official `llama_path`, `whisper_path`,
-    `beats_path`), resolved relative to the checkpoint's folder."""
-    import torch
-
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SalmonnError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0]}") from None
-    model_cfg = (ckpt.get("config") or {}).get("model") or {} if isinstance(ckpt, dict) else {}
-    sources = {}
-    for key, name in (("whisper_path", "whisper"), ("beats_path", "beats"), ("llama_path", "llm")):
-        value = model_cfg.get(key)
-        if not value:
-            raise SalmonnError(f"checkpoint {ckpt_path} does not name its {key}; use --official-ckpt "
-                               "with --whisper, --beats and --llm")
-        path = Path(value).expanduser()
-        sources[name] = path if path.is_absolute() else ckpt_path.parent / path
-    return sources
-
-
 @contextmanager
 def staging_dir(out: Path):
     """A temporary directory beside `out`, removed unless the body renames it into place."""

@@ -19,6 +19,7 @@ import numpy as np
 from salmonn_cli.config import LlmDims
 from salmonn_cli.errors import ModelError
 from train.hf_files import as_float32, open_checkpoint
+from train.pre_tokenizers import pre_tokenizer_name
 
 ARCH = "llama"
 OUT_TYPES = {  # out_type -> (numpy dtype of 2-D weights, GGUF general.file_type)
@@ -54,17 +55,6 @@ SENTENCEPIECE_TOKEN_TYPES = {
     1: gguf.TokenType.NORMAL, 2: gguf.TokenType.UNKNOWN, 3: gguf.TokenType.CONTROL,
     4: gguf.TokenType.USER_DEFINED, 5: gguf.TokenType.UNUSED, 6: gguf.TokenType.BYTE,
 }
-# HF tokenizers pre-tokenizers that split text exactly like a llama.cpp BPE pre-tokenizer, by the
-# name llama.cpp knows it under (`tokenizer.ggml.pre`). `trim_offsets` only affects offsets.
-BYTE_LEVEL_PRE_TOKENIZER = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                            "use_regex": True}
-BPE_PRE_TOKENIZERS = {
-    "gpt-2": BYTE_LEVEL_PRE_TOKENIZER,
-    # SmolLM / StarCoder: every digit on its own, then GPT-2's regex
-    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                     BYTE_LEVEL_PRE_TOKENIZER]},
-}
-PRE_TOKENIZER_IGNORED_KEYS = ("trim_offsets",)
 
 OFFICIAL_LORA_PREFIX = "llama_model.base_model.model."
 OFFICIAL_LORA_A_SUFFIX = ".lora_A.default.weight"
@@ -182,22 +172,6 @@ def _read_sentencepiece(path: Path) -> TokenizerVocab:
         bos_id=token_id(spec.bos_id), eos_id=token_id(spec.eos_id), unk_id=token_id(spec.unk_id),
         add_space_prefix=proto.normalizer_spec.add_dummy_prefix,
     )
-
-
-def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """llama.cpp's name for an HF `tokenizer.json` pre-tokenizer (see BPE_PRE_TOKENIZERS)."""
-    def canonical(node):
-        if isinstance(node, dict):
-            return {k: canonical(v) for k, v in node.items() if k not in PRE_TOKENIZER_IGNORED_KEYS}
-        if isinstance(node, list):
-            return [canonical(v) for v in node]
-        return node
-
-    for name, known in BPE_PRE_TOKENIZERS.items():
-        if canonical(pre_tokenizer) == canonical(known):
-            return name
-    raise ModelError(f"the BPE pre-tokenizer {json.dumps(pre_tokenizer)} is not one this exporter knows "
-                     f"how llama.cpp reproduces (known: {', '.join(BPE_PRE_TOKENIZERS)})")
 
 
 def _special_token_text(value) -> str | None:

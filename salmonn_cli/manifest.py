@@ -14,17 +14,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from salmonn_cli.atomic_file import atomic_file
 from salmonn_cli.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from salmonn_cli.cache import salmonn_cache_dir
 from salmonn_cli.config import SalmonnConfig
-from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
+from salmonn_cli.beams import MAX_BEAMS, is_beam_count
 from salmonn_cli.errors import ModelError, SalmonnError, quoted
 from salmonn_cli.prompt import prompt_segments
 
 MANIFEST_NAME = "salmonn.json"
 FORMAT_NAME = "salmonn-model"
 FORMAT_VERSION = 1
-ENV_MODEL_DIR = "SALMONN_MODEL"
 HASH_CHUNK = 1 << 20
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Config sizes: the largest real ones (vocabularies, context lengths) are a few hundred thousand.
@@ -103,19 +103,8 @@ def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: st
     return d
 
 
-def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
-    if model_dir is None or str(model_dir) == "":
-        env = os.environ.get(ENV_MODEL_DIR)
-        if not env:
-            from salmonn_cli.default_model import default_model_dir
-
-            return default_model_dir()
-        model_dir = env
-    return Path(model_dir).expanduser()
-
-
-def load_manifest(model_dir: str | os.PathLike | None, verify: bool = True) -> Manifest:
-    root = resolve_model_dir(model_dir)
+def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+    root = Path(model_dir).expanduser()
     if root.exists() and not root.is_dir():
         raise ModelError(f"model path is a file, not a model directory: {quoted(root)}")
     if not root.is_dir():
@@ -304,12 +293,8 @@ def _save_cache(cache: dict) -> None:
     path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path, text=True) as out:
+            out.write(json.dumps(cache))
     except OSError:
         pass  # the cache is only an optimisation
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from salmonn_cli import audio, features
 from salmonn_cli.config import SalmonnConfig
-from salmonn_cli.decoding import (MAX_BEAMS, DecodingOptions, Generation, TextStream, beam_search,
-                                  generate, is_beam_count)
+from salmonn_cli.beams import MAX_BEAMS, is_beam_count
+from salmonn_cli.decoding import DecodingOptions, Generation, TextStream, beam_search, generate
 from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offloaded_layers, require_cuda,
                                 why_cpu)
 from salmonn_cli.encoder import AudioEncoder

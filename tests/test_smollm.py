@@ -29,7 +29,7 @@ import torch
 from gguf.quants import dequantize
 
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
-from export.gguf import BPE_PRE_TOKENIZERS, permute_rotary_rows, pre_tokenizer_name
+from export.gguf import permute_rotary_rows
 from official_format import Randomiser, write_beats, write_whisper
 from salmonn_cli import config as cfgmod
 from salmonn_cli.config import CHATML_PROMPT_TEMPLATE, LoraDims
@@ -37,6 +37,7 @@ from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import LlamaModel
 from salmonn_cli.prompt import build_prompt, prompt_segments, prompt_token_ids
 from train.data import Tokenizer
+from train.pre_tokenizers import BPE_PRE_TOKENIZERS, pre_tokenizer_name
 from train.smollm import default_cache_dir
 from torch_reference import greedy
 

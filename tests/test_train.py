@@ -29,7 +29,7 @@ import torch
 from conftest import OFFICIAL_TINY
 from official_format import OtherShapes, build_official_model
 from salmonn_cli.config import tiny
-from train import loop
+from train import loop, official
 from train.data import (IGNORE_INDEX, Batch, DataError, Sample, SampleStream, StepPlan, check_tasks,
                         choose_prompt, clip_features, load_wave, read_annotations, read_prompts)
 from train.loop import WarmupCosineSchedule, lr_at, param_groups
@@ -492,7 +492,8 @@ def test_checkpoint_has_the_official_layout(overfit_run, tiny_model):
 
 
 def test_overfitted_checkpoint_exports_and_answers(overfit_run, base, tmp_path):
-    from export.export import checkpoint_sources, export_model
+    from export.export import export_model
+    from train.official import checkpoint_sources
 
     sources = checkpoint_sources(overfit_run)
     out = export_model(ckpt=overfit_run, whisper=sources["whisper"], beats=sources["beats"], llm=sources["llm"],
@@ -574,7 +575,7 @@ def test_resume_refuses_a_different_run(base, tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    loop.atomic_save({"step": 1}, path)
+    official.atomic_save({"step": 1}, path)
 
     def crash(obj, f):
         f.write(b"partial")
@@ -582,7 +583,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        loop.atomic_save({"step": 2}, path)
+        official.atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
@@ -791,7 +792,7 @@ def test_ctc_loss_kept_in_the_lm_stage(base, tmp_path, pieces):
 
 
 def test_cpu_autocast_auto_follows_the_cpu(monkeypatch):
-    from train import loop
+    from train import loop, official
 
     assert (loop.cpu_autocast_mode("none"), loop.cpu_autocast_mode("bf16")) == ("none", "bf16")
     monkeypatch.setattr(loop, "cpu_has_bf16_units", lambda: True)

