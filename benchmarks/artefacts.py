@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from salmonn_cli.config import SalmonnConfig, official_7b
+from salmonn_cli.config import SalmonnConfig
+from train.presets import official_7b
 from salmonn_cli.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]

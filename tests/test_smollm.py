@@ -36,6 +36,7 @@ from salmonn_cli.config import CHATML_PROMPT_TEMPLATE, LoraDims
 from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import LlamaModel
 from salmonn_cli.prompt import build_prompt, prompt_segments, prompt_token_ids
+from train import presets
 from train.data import Tokenizer
 from train.pre_tokenizers import BPE_PRE_TOKENIZERS, pre_tokenizer_name
 from train.smollm import default_cache_dir
@@ -87,7 +88,7 @@ class RecordingTokenizer:
 
 
 def chatml_config():
-    return dataclasses.replace(cfgmod.tiny(), prompt_template=CHATML_PROMPT_TEMPLATE, prompt_special_tokens=True)
+    return dataclasses.replace(presets.tiny(), prompt_template=CHATML_PROMPT_TEMPLATE, prompt_special_tokens=True)
 
 
 def test_chatml_template_parts_are_special_and_the_instruction_is_plain():
@@ -102,7 +103,7 @@ def test_chatml_template_parts_are_special_and_the_instruction_is_plain():
 
 def test_vicuna_pieces_are_tokenized_whole_as_before(reference, reference_json):
     """The official path calls tokenize(piece) once per piece, exactly the official pieces."""
-    config = cfgmod.tiny()
+    config = presets.tiny()
     pieces = []
     prompt = build_prompt(config, "Describe the audio.", lambda text: pieces.append(text) or [0])
     assert pieces == [reference_json["p_before"], reference_json["p_after"]]
@@ -172,7 +173,7 @@ def test_config_and_special_tokens(smollm_dir):
     from train.hf_files import read_llm_dims
 
     dims = read_llm_dims(smollm_dir)
-    preset = cfgmod.smollm2_135m()
+    preset = presets.smollm2_135m()
     assert dims.rms_norm_eps == pytest.approx(preset.rms_norm_eps, rel=1e-6)
     assert dataclasses.replace(dims, rms_norm_eps=preset.rms_norm_eps) == preset
     assert Tokenizer(smollm_dir).decode([dims.bos_token_id]) == ""           # a special token
@@ -271,7 +272,7 @@ def smol_salmonn(smollm_dir, tmp_path_factory) -> SmolSalmonn:
     from train.official import build_from_parts, load_official, save_official_format
 
     root = tmp_path_factory.mktemp("smollm-salmonn")
-    tiny = cfgmod.tiny()
+    tiny = presets.tiny()
     torch.manual_seed(SEED)
     rand = Randomiser(SEED)
     write_whisper(root / "whisper", tiny.whisper, rand)

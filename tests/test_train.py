@@ -28,7 +28,7 @@ import torch
 
 from conftest import OFFICIAL_TINY
 from official_format import OtherShapes, build_official_model
-from salmonn_cli.config import tiny
+from train.presets import tiny
 from train import loop, official
 from train.data import (IGNORE_INDEX, Batch, DataError, Sample, SampleStream, StepPlan, check_tasks,
                         choose_prompt, clip_features, load_wave, read_annotations, read_prompts)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
 from official_format import OtherShapes, export_variant
 from salmonn_cli import audio, features
-from salmonn_cli.config import official_13b, tiny
+from train.presets import official_13b, tiny
 from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
 from salmonn_cli.trim import (audio_token_count, clip_fbank_frames, encoder_frame_count,
                               mel_frame_count, window_count)

@@ -11,10 +11,11 @@ from salmonn_cli.decoding import (DecodingOptions, GreedyChooser, SamplingChoose
                                   generate, nucleus_probabilities)
 from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.manifest import FORMAT_VERSION, load_manifest, manifest_dict
+from train import presets
 
 
 def test_official_geometry():
-    cfg = cfgmod.official_13b()
+    cfg = presets.official_13b()
     assert (cfg.window_frames, cfg.stride_frames, cfg.n_windows, cfg.n_audio_tokens) == (17, 17, 88, 88)
     assert cfg.fused_width == 2048
     assert cfg.lora.scale == 4.0
@@ -24,7 +25,7 @@ def test_official_geometry():
 
 
 def test_config_round_trip():
-    for make in cfgmod.PRESETS.values():
+    for make in presets.PRESETS.values():
         cfg = make()
         assert cfgmod.SalmonnConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown config keys"):
@@ -88,7 +89,7 @@ def _model_dir(tmp_path, version=FORMAT_VERSION):
     tmp_path.mkdir(parents=True)
     (tmp_path / "audio_encoder.onnx").write_bytes(b"onnx")
     (tmp_path / "llm-f32.gguf").write_bytes(b"gguf")
-    d = manifest_dict(cfgmod.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", tmp_path)
+    d = manifest_dict(presets.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", tmp_path)
     d["format_version"] = version
     (tmp_path / "salmonn.json").write_text(json.dumps(d))
     return tmp_path
@@ -97,7 +98,7 @@ def _model_dir(tmp_path, version=FORMAT_VERSION):
 def test_manifest_round_trip_and_integrity(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     m = load_manifest(_model_dir(tmp_path / "m"))
-    assert m.config == cfgmod.tiny() and m.quant == "f32" and m.exact_attention
+    assert m.config == presets.tiny() and m.quant == "f32" and m.exact_attention
     load_manifest(tmp_path / "m")  # second time through the cache
     (tmp_path / "m" / "llm-f32.gguf").write_bytes(b"GGUF")  # same size, other bytes
     with pytest.raises(ModelError, match="sha256"):
@@ -115,7 +116,7 @@ def test_manifest_records_the_training_tasks_and_none_means_all(tmp_path):
     check_trained_for(official, "de")
     model = _model_dir(tmp_path / "nano")
     d = json.loads((model / "salmonn.json").read_text())
-    assert manifest_dict(cfgmod.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", model,
+    assert manifest_dict(presets.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", model,
                          tasks=["asr", "QA"])["tasks"] == ["asr", "QA"]
     (model / "salmonn.json").write_text(json.dumps({**d, "tasks": ["asr", "QA"]}))
     nano = load_manifest(model, verify=False)

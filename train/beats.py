@@ -14,6 +14,7 @@ under each layer index, as in the official file).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -23,6 +24,23 @@ from torch import Tensor, nn
 
 from salmonn_cli.config import BeatsDims
 from salmonn_cli.errors import ModelError
+
+# `BEATsConfig.__init__` defaults of the official code (microsoft/unilm beats/BEATs.py).
+OFFICIAL_BEATS_CONFIG_DEFAULTS = {
+    "input_patch_size": -1, "embed_dim": 512, "conv_bias": False, "encoder_layers": 12,
+    "encoder_embed_dim": 768, "encoder_ffn_embed_dim": 3072, "encoder_attention_heads": 12,
+    "activation_fn": "gelu", "layer_norm_first": False, "deep_norm": False, "conv_pos": 128,
+    "conv_pos_groups": 16, "relative_position_embedding": False, "num_buckets": 320,
+    "max_distance": 1280, "gru_rel_pos": False, "finetuned_model": False, "predictor_class": 527,
+}
+
+
+def dims_from_official_cfg(cfg: dict) -> BeatsDims:
+    """Keys missing from a checkpoint's cfg take the official `BEATsConfig` defaults, which differ
+    from BeatsDims' (cpt2) defaults."""
+    names = {f.name for f in dataclasses.fields(BeatsDims)}
+    merged = {**OFFICIAL_BEATS_CONFIG_DEFAULTS, **cfg}
+    return BeatsDims(**{k: v for k, v in merged.items() if k in names})
 
 FBANK_BINS = 128                # kaldi fbank mel bins the patch embedding sees
 ATTN_GATES = 8                  # grep_linear output: 2 gates x 4 summed terms
@@ -279,6 +297,6 @@ def load_beats(path: str | Path) -> BEATs:
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("cfg"), dict)
             and isinstance(checkpoint.get("model"), dict)):
         raise ModelError(f"{path} is not an official BEATs checkpoint (expected keys 'cfg' and 'model')")
-    model = BEATs(BeatsDims.from_official_cfg(checkpoint["cfg"]))
+    model = BEATs(dims_from_official_cfg(checkpoint["cfg"]))
     load_beats_state_dict(model, checkpoint["model"], source=str(path))
     return model.eval()

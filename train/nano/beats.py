@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from salmonn_cli.config import BeatsDims, smollm2_nano
+from salmonn_cli.config import BeatsDims
+from train.presets import smollm2_nano
 from train.beats import BEATs
 
 # official BEATsConfig keys that BeatsDims does not model (training-only); written so the file is
