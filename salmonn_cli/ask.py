@@ -77,11 +77,5 @@ def each_window(pipeline: Pipeline, source: str | AudioInput) -> Iterator[tuple[
         yield window, pipeline.embed_wave(window.wave)[0]
 
 
-def format_clock(seconds: float) -> str:
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes:02d}:{secs:04.1f}"
-
-
 def display_name(name: str) -> str:
     return STDIN_NAME if name == STDIN else os.fspath(name)

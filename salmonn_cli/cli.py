@@ -105,8 +105,8 @@ def runtime_options(threads, device, n_gpu_layers, lora_scale, context):
     options = RuntimeOptions(device=check_device(device), n_gpu_layers=n_gpu_layers, lora_scale=lora_scale,
                              context=context)
     if threads:
-        # more threads than cores only makes llama.cpp's threads wait for each other (a run with
-        # --threads 999 on 2 cores did not finish in a minute)
+        # more threads than cores only makes llama.cpp's threads wait for each other, and a run
+        # slows down the more of them there are
         cores = available_cores()
         if threads > cores:
             notice(f"--threads {threads} is more than the {cores} cores available; using {cores}")
@@ -174,7 +174,8 @@ def ask(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file, as each finishes."),
 ) -> None:
     """Answer a question about audio clips (the model is loaded once for all of them)."""
-    from salmonn_cli.ask import display_name, each_window, embed_file, format_clock
+    from salmonn_cli.ask import display_name, each_window, embed_file
+    from salmonn_cli.clock import format_clock
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.default_model import resolve_model_dir

@@ -22,10 +22,12 @@ import soxr
 
 from salmonn_cli import audio
 from salmonn_cli.audio_input import open_audio
+from salmonn_cli.clock import format_clock
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError, quoted
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 from salmonn_cli.vad import EnergyVad, Utterance, VadOptions
+from salmonn_cli.windows import read_resampled_blocks
 
 BLOCK_SECONDS = 0.1
 # Capture as 16-bit integers, what microphones deliver. (Through ALSA's plug layer, a float32 request
@@ -62,17 +64,8 @@ class Heard:
 
 # --- output ----------------------------------------------------------------------------------------
 
-def format_time(seconds: float) -> str:
-    """12.34 -> '00:12.3'; past an hour '1:02:03.4'."""
-    tenths = int(round(seconds * 10))
-    minutes, tenths = divmod(tenths, 600)
-    hours, minutes = divmod(minutes, 60)
-    clock = f"{minutes:02d}:{tenths // 10:02d}.{tenths % 10}"
-    return f"{hours}:{clock}" if hours else clock
-
-
 def format_heard(heard: Heard) -> str:
-    return f"[{format_time(heard.start_s)}–{format_time(heard.end_s)}] {heard.text}"
+    return f"[{format_clock(heard.start_s)}–{format_clock(heard.end_s)}] {heard.text}"
 
 
 def heard_to_dict(heard: Heard) -> dict:
@@ -159,10 +152,6 @@ class FileStream:
         except AudioError:
             self._input.close()
             raise
-        self._resampler = None
-        if self._input.samplerate != samplerate:
-            self._resampler = soxr.ResampleStream(self._input.samplerate, samplerate, 1, dtype="float32",
-                                                  quality=audio.RESAMPLE_QUALITY)
 
     @property
     def name(self) -> str:
@@ -194,17 +183,9 @@ class FileStream:
         self.close()
 
     def _blocks(self):
-        in_block = max(1, int(round(self.blocksize * self._input.samplerate / self.samplerate)))
-        for data in self._input.blocks(in_block):
-            data = data.astype(np.float32)
-            if self._resampler is not None:
-                data = self._resampler.resample_chunk(data)
-            if len(data):
-                yield data
-        if self._resampler is not None:
-            tail = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-            if len(tail):
-                yield tail
+        # the same reader as files' windows: bounds, NaN check, libsndfile's stderr muted
+        for block in read_resampled_blocks(self._input, self.samplerate, self.blocksize / self.samplerate):
+            yield block.astype(np.float32)
 
     def _play(self) -> None:
         started = time.monotonic()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Protocol, Sequence
 
 from salmonn_cli.atomic_file import atomic_file
+from salmonn_cli.clock import format_timestamp
 from salmonn_cli.errors import SalmonnError, quoted
 
 FORMATS = ("txt", "srt", "vtt", "json")
@@ -31,17 +32,6 @@ class TimedText(Protocol):
 
 
 # --- timestamps and cue text ---------------------------------------------------------------------
-
-def format_timestamp(seconds: float, decimal_marker: str = ",") -> str:
-    """`HH:MM:SS,mmm` (SRT) or, with decimal_marker ".", `HH:MM:SS.mmm` (WebVTT). Hours grow past 99."""
-    if seconds < 0:
-        raise ValueError(f"negative timestamp {seconds}")
-    ms = int(round(seconds * 1000))
-    hours, ms = divmod(ms, 3_600_000)
-    minutes, ms = divmod(ms, 60_000)
-    secs, ms = divmod(ms, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"
-
 
 def cue_text(text: str) -> str:
     """Text safe inside one cue: no blank line (it would end the cue), no "-->"."""

@@ -17,9 +17,10 @@ import soundfile as sf
 from conftest import AUDIO, CLI_ENV as ENV, REPO, default_sigint
 
 from salmonn_cli import listen as listen_module
+from salmonn_cli.clock import format_clock
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
-from salmonn_cli.listen import (TRANSCRIBE_PROMPT, Capture, FileStream, ListenOptions, format_heard, format_time,
+from salmonn_cli.listen import (TRANSCRIBE_PROMPT, Capture, FileStream, ListenOptions, format_heard,
                                 listen, parse_device, resolve_prompt)
 from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from salmonn_cli.vad import EnergyVad, VadOptions, find_utterances
@@ -136,9 +137,11 @@ def test_vad_cuts_long_speech_into_model_windows():
 # --- small helpers -----------------------------------------------------------------------------------
 
 def test_time_format_and_options():
-    assert format_time(0) == "00:00.0"
-    assert format_time(12.34) == "00:12.3"
-    assert format_time(3723.44) == "1:02:03.4"
+    assert format_clock(0) == "00:00.0"
+    assert format_clock(12.34) == "00:12.3"
+    assert format_clock(3723.44) == "1:02:03.4"
+    assert format_clock(59.96) == "01:00.0"             # the rounding carries into the minutes
+    assert format_clock(3599.96) == "1:00:00.0"
     assert resolve_prompt(None, transcribe=True) == TRANSCRIBE_PROMPT
     assert resolve_prompt(None, transcribe=False) == TRANSCRIBE_PROMPT
     assert resolve_prompt("Describe it.", transcribe=False) == "Describe it."
@@ -239,7 +242,7 @@ def test_replay_answers_each_utterance_with_its_time(replayed, speech_recording)
     assert_times([h.utterance for h in heard], speech_recording["truth"])
     assert len(lines) == len(heard)
     for h, line in zip(heard, lines):
-        assert line.startswith(f"[{format_time(h.start_s)}–{format_time(h.end_s)}] ")
+        assert line.startswith(f"[{format_clock(h.start_s)}–{format_clock(h.end_s)}] ")
         assert h.tokens and h.text
 
 
@@ -298,6 +301,7 @@ pcm.{name} {{
 DEVICE_SCRIPT = """
 import json, sys
 from salmonn_cli import listen as listen_module
+from salmonn_cli.clock import format_clock
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError
 from salmonn_cli.listen import ListenOptions, input_devices, listen, open_microphone, heard_to_dict

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from conftest import AUDIO
-from salmonn_cli import audio, subtitles, windows
+from salmonn_cli import audio, clock, subtitles, windows
 from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, RepetitionGuard,
                                   generate)
 from salmonn_cli.errors import AudioError, SalmonnError
@@ -151,14 +151,14 @@ def test_generate_stops_on_the_guard_and_stays_compatible_without_it():
 # --- subtitle formats and atomic output -----------------------------------------------------------
 
 def test_timestamp_formats():
-    assert subtitles.format_timestamp(62.345) == "00:01:02,345"
-    assert subtitles.format_timestamp(62.345, ".") == "00:01:02.345"
-    assert subtitles.format_timestamp(0) == "00:00:00,000"
-    assert subtitles.format_timestamp(59.9996) == "00:01:00,000"
-    assert subtitles.format_timestamp(3 * 3600 + 25 * 60 + 7.5, ".") == "03:25:07.500"
-    assert subtitles.format_timestamp(100 * 3600) == "100:00:00,000"
+    assert clock.format_timestamp(62.345) == "00:01:02,345"
+    assert clock.format_timestamp(62.345, ".") == "00:01:02.345"
+    assert clock.format_timestamp(0) == "00:00:00,000"
+    assert clock.format_timestamp(59.9996) == "00:01:00,000"
+    assert clock.format_timestamp(3 * 3600 + 25 * 60 + 7.5, ".") == "03:25:07.500"
+    assert clock.format_timestamp(100 * 3600) == "100:00:00,000"
     with pytest.raises(ValueError):
-        subtitles.format_timestamp(-1)
+        clock.format_timestamp(-1)
 
 
 TRICKY = [Segment(0.0, 29.5, "Hello --> world\n\n\nsecond line"),

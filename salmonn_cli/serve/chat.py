@@ -20,7 +20,8 @@ from typing import Callable
 import anyio
 from starlette.responses import JSONResponse, StreamingResponse
 
-from salmonn_cli.ask import each_window, embed_file, format_clock
+from salmonn_cli.ask import each_window, embed_file
+from salmonn_cli.clock import format_clock
 from salmonn_cli.audio import MemoryAudio
 from salmonn_cli.audio_input import open_audio
 from salmonn_cli.beams import MAX_BEAMS
