@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from salmonn_cli.atomic_file import atomic_file
 from salmonn_cli.default_model import NANO_DATA_DIR, RECIPE_FILE, WEIGHTS_FILE
 from salmonn_cli.errors import SalmonnError
 from train.data import read_annotations
@@ -64,12 +65,9 @@ def package(checkpoint: Path, out: Path) -> Path:
     }
     tensors = {name: tensor.to(torch.float16).contiguous() for name, tensor in ckpt["model"].items()}
     out.mkdir(parents=True, exist_ok=True)
-    for name, write in ((WEIGHTS_FILE, lambda p: save_file(tensors, str(p))),
-                        (RECIPE_FILE, lambda p: p.write_text(json.dumps(recipe, indent=1) + "\n"))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / name)
+    for name, data in ((WEIGHTS_FILE, save(tensors)), (RECIPE_FILE, (json.dumps(recipe, indent=1) + "\n").encode())):
+        with atomic_file(out / name) as file:
+            file.write(data)
     return out
 
 

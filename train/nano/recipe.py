@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from salmonn_cli.errors import SalmonnError
+from salmonn_cli.manifest import MANIFEST_NAME
 
 STAGES = Path(__file__).resolve().parents[1] / "stages"
 FULL_CONFIG = STAGES / "nano.toml"
@@ -31,7 +32,7 @@ DATA_SEED = 0
 # weights) costs accuracy on a 135M model, 8-bit does not measurably, and f16 is twice the size and slower.
 EXPORT_QUANT = "q8_0"
 # The decoding nano's manifest names as its default (salmonn ask without --beams): 4 beams, as the official
-# SALMONN decodes. Measured on the seed-0 held-out set (train/nano/README.md, "Run 10 and beam search").
+# SALMONN decodes (train/nano/README.md compares it with greedy).
 DEFAULT_BEAMS = 4
 
 
@@ -83,7 +84,7 @@ def train_run(config_path: Path, overrides: list[str]) -> Path:
 
 
 def export_model(checkpoint: Path, model_dir: Path) -> Path:
-    if (model_dir / "salmonn.json").is_file() and model_dir.stat().st_mtime >= checkpoint.stat().st_mtime:
+    if (model_dir / MANIFEST_NAME).is_file() and model_dir.stat().st_mtime >= checkpoint.stat().st_mtime:
         log(f"reusing model {model_dir}")
         return model_dir
     log(f"exporting {checkpoint} -> {model_dir} ({EXPORT_QUANT}, {DEFAULT_BEAMS} beams by default)")
