@@ -28,7 +28,7 @@ class AudioEncoder:
         options.intra_op_num_threads = n_threads
         options.inter_op_num_threads = 1
         # The fbank length changes with every clip; ORT's CPU arena and memory patterns keep every
-        # size they have seen (measured: +160 MB over a 10-minute transcription), so allocate per call.
+        # size they have seen, growing over a long transcription, so allocate per call.
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
         options.log_severity_level = 3

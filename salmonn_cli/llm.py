@@ -64,19 +64,17 @@ class LlamaModel:
     `exact=True` disables flash attention and keeps the KV cache in f32; with an f32 GGUF this
     reproduces the official PyTorch logits to ~1e-5 (see parity notes). Otherwise llama.cpp's
     defaults apply (flash attention auto, f16 KV cache): faster, ~1e-2 logit error.
-    `seed` is kept for the sampler built on top; the context itself draws no random numbers.
     `n_seq_max > 1` allows that many sequences (beam search) in one unified KV cache of `n_ctx`
     cells, so sequences copied from one another share their common prefix's cells.
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int = 0,
-                 exact: bool = False, seed: int | None = None, verbose: bool = False,
+                 exact: bool = False, verbose: bool = False,
                  n_seq_max: int = 1):
         self._model = None
         self._ctx = None
         self._lora = None           # llama.cpp adapter handle, owned here
         self._lora_scale = 0.0
-        self.seed = seed
         self.exact = exact
         if n_ctx < 1 or n_threads < 1:
             raise ValueError("n_ctx and n_threads must be positive")

@@ -258,6 +258,8 @@ def test_beams_fill_the_context_without_overflow(pipeline, embeds):
     assert out.stop_reason in ("context_full", "eos")
     if out.stop_reason == "context_full":
         assert len(out.tokens) == room
+    else:                               # the EOS came within the room, and is not part of the answer
+        assert 0 < len(out.tokens) < room and pipeline.llm.eos_id not in out.tokens
 
 
 def test_bad_beam_options(pipeline, model_f32, embeds):

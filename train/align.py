@@ -23,7 +23,7 @@ each heard hundreds of times and spell any word, so the connector learns how wor
 With `[align] tag_field` (an annotation field naming each clip's sound class, e.g. nano's "event") a
 `TagHead` also learns to name that class from the clip's audio tokens (attention pooling over them),
 at `tag_weight`: CTC alone teaches speech clips' tokens to spell the words, and a sound behind the
-speech, which no transcript mentions, was then lost (nano: 9 % of background questions right).
+speech, which no transcript mentions, is otherwise lost (train/nano/README.md).
 Clips without the field are class "" (nothing but speech). A model with a clip token
 (`[model] clip_token_hidden`) learns the class on that token instead (`ClipTagHead`): it is scored
 against the LLM's own input embedding of each class's name, so the token the LLM reads starts out

@@ -2,12 +2,12 @@
 
 Whisper is always frozen and BEATs is unless `[model] train_beats`; both are in eval mode and the
 data has no load-time augmentation, so a clip's encoder outputs are the same at every epoch.
-Computing them once saves their forward pass on every later visit (nano: ~0.27 s of ~2 s per step).
+Computing them once saves their forward pass on every later visit.
 
 An entry is computed for its clip alone (batch of one), so its value does not depend on which
 clips happened to share its first batch: a resumed run rebuilds exactly the same cache. Entries
-stay on the device they were computed on; the nano training set takes ~1.4 GB (measured: Whisper
-fp32 and BEATs bf16 under `cpu_amp`, ~105 kB per second of audio). Opt-in, since an official-size
+stay on the device they were computed on, about 105 kB per second of audio (Whisper fp32 and BEATs
+bf16 under `cpu_amp`): a small set like nano's fits. Opt-in, since an official-size
 set (30 s of Whisper large per clip, ~8 MB) would not fit in memory.
 """
 from __future__ import annotations

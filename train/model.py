@@ -147,7 +147,7 @@ class ClipTokenHead(nn.Module):
     clip's frames); the weighted mean is projected to the LLM width. A window token sees 0.17-0.33 s
     and, trained to carry the words, drops a quiet sound behind them; this token sees the whole clip.
     The log-mel is there because Whisper's last layer keeps less of a sound behind speech than its
-    input has (salmonn-nano, held-out backgrounds: 72 % from Whisper's frames, 83 % with the log-mel).
+    input has (train/nano/README.md).
     """
 
     def __init__(self, input_width: int, hidden: int, llm_hidden: int):
