@@ -454,8 +454,8 @@ def serve(
 
 @app.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 def export(ctx: typer.Context) -> None:
-    """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory (`salmonn
-    export --help`: its options). Needs the training extra; runs as `python -m export`."""
+    """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory."""
+    # the PyTorch side's own command (export/__main__.py) takes every argument, --help too
     from salmonn_cli.training_side import become_module, missing_training_module
 
     missing = missing_training_module()
