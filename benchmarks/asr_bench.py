@@ -80,8 +80,7 @@ def run_nano(model_dir: Path, entries: list[dict], threads: int) -> dict:
 
     options = TranscribeOptions()
     start = time.perf_counter()
-    with Pipeline(str(model_dir), RuntimeOptions(n_threads=threads),
-                  max_tokens=options.decoding.max_tokens) as pipeline:
+    with Pipeline(str(model_dir), RuntimeOptions(n_threads=threads)) as pipeline:
         load_s = time.perf_counter() - start
 
         def transcribe(path: str) -> str:

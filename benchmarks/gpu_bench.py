@@ -194,8 +194,8 @@ def parity(tiny_model: Path, fixture: Path, device: str) -> dict:
 
     reference = json.loads((fixture / "reference.json").read_text())["inputs"]
     rows = {}
-    with Pipeline(str(tiny_model), RuntimeOptions(n_threads=4, device=device), max_tokens=REFERENCE_STEPS,
-                  beams=4) as p:
+    with Pipeline(str(tiny_model), RuntimeOptions(n_threads=4, device=device),
+                  DecodingOptions(max_tokens=REFERENCE_STEPS, beams=4)) as p:
         placement = p.placement.as_dict()
         on_device = p.encoder
         cpu_encoder = AudioEncoder(tiny_model / ENCODER_ONNX, n_threads=4, device="cpu")

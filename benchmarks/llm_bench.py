@@ -1,7 +1,7 @@
 """Prefill and decode speed of our runtime against llama.cpp's own generation, same process.
 
 "Ours" is `Pipeline.answer`, the path `salmonn ask` takes: prompt ids, three `llama_decode` calls
-for the prompt (BOS + text, audio embeddings, text), then `decoding.generate` (numpy greedy over a
+for the prompt (BOS + text, audio embeddings, text), then `decoding.decode` (numpy greedy over a
 copy of the logits, text streaming) stepping `LlamaModel.decode_tokens`. The reference is a tight
 loop straight on llama.cpp's C API over the very same context (same GGUF, same settings, same
 threads): the same three prompt batches, then `llama_sampler_sample` (greedy argmax in C) and a
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import salmonn_cli.llm  # noqa: F401  first: it loads the CUDA libraries llama.cpp's CUDA build binds to
-from salmonn_cli.decoding import DecodingOptions
+from salmonn_cli.decoding import DecodingOptions, SuppressTokens
 from salmonn_cli.prompt import build_prompt
 
 import llama_cpp  # noqa: E402  (isort: skip)
@@ -102,11 +102,11 @@ def run(model_dirs: dict[str, Path], clip: Path, steps: int, repeats: int, threa
     embeds = None
     for quant, model_dir in model_dirs.items():
         with Pipeline(str(model_dir), RuntimeOptions(n_threads=threads, device=device),
-                      max_tokens=steps + 1) as pipeline:
+                      DecodingOptions(max_tokens=steps + 1, beams=1)) as pipeline:
             if embeds is None:
                 embeds, _ = pipeline.embed_wave(load_audio(clip, pipeline.config.sample_rate))
             llm = pipeline.llm
-            pipeline.suppress = tuple(pipeline.suppress) + (llm.eos_id,)      # a fixed number of steps
+            pipeline.suppress = SuppressTokens(pipeline.suppress.token_ids + [llm.eos_id])   # a fixed number of steps
             ids = build_prompt(pipeline.config, prompt, llm.tokenize)
             ids_before = [llm.bos_id] + ids.ids_before
             options = DecodingOptions(max_tokens=steps + 1)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from salmonn_cli.audio_input import STDIN, STDIN_NAME, AudioInput, open_audio
+from salmonn_cli.clock import format_clock
+from salmonn_cli.decoding import DecodingOptions, StopCheck
 from salmonn_cli.errors import AudioError, quoted
-from salmonn_cli.pipeline import Pipeline
+from salmonn_cli.pipeline import Answer, Pipeline
 from salmonn_cli.windows import AudioWindow, iter_windows
 
 
@@ -71,10 +73,73 @@ def embed_file(pipeline: Pipeline, source: str | AudioInput, *, truncate: bool =
                      time.perf_counter() - t0)
 
 
-def each_window(pipeline: Pipeline, source: str | AudioInput) -> Iterator[tuple[AudioWindow, np.ndarray]]:
-    """(window, its embeddings) for every window of the file, one at a time (`--per-window`)."""
-    for window in file_windows(pipeline, open_audio(source), truncate=False):
-        yield window, pipeline.embed_wave(window.wave)[0]
+@dataclass
+class FileAnswer:
+    """The answer about one whole file (as much of it as fits in the context)."""
+    audio: FileAudio
+    answer: Answer
+    model: dict               # where it ran: quant, encoder_provider, device
+
+    def to_dict(self) -> dict:
+        audio = self.audio
+        return {"audio": display_name(audio.name), **self.answer.to_dict(), "audio_seconds": round(audio.seconds, 3),
+                "used_seconds": round(audio.used_seconds, 3), "truncated": audio.truncated,
+                "windows": len(audio.windows), "prompt_tokens": self.answer.prompt_tokens, "beams": self.answer.beams,
+                **self.model, "timings": self.answer.timings(audio.encode_s)}
+
+
+@dataclass
+class WindowAnswer:
+    start_s: float
+    end_s: float
+    answer: Answer
+    audio_tokens: int
+
+    def to_dict(self) -> dict:
+        return {"start": round(self.start_s, 3), "end": round(self.end_s, 3), **self.answer.to_dict()}
+
+
+@dataclass
+class PerWindowAnswers:
+    """One answer per window of a file (`--per-window`)."""
+    audio: str
+    windows: list[WindowAnswer]
+
+    def to_dict(self) -> dict:
+        return {"audio": self.audio, "windows": [w.to_dict() for w in self.windows]}
+
+
+def answer_file(pipeline: Pipeline, audio_in: AudioInput, prompt: str, *, truncate: bool = False,
+                decoding: DecodingOptions | None = None, on_audio: Callable[[FileAudio], None] | None = None,
+                on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None) -> FileAnswer:
+    """Embed the file (`embed_file`), tell `on_audio` what reached the model, then answer."""
+    audio = embed_file(pipeline, audio_in, truncate=truncate)
+    if on_audio is not None:
+        on_audio(audio)
+    answer = pipeline.answer(audio.embeds, prompt, decoding, on_text=on_text, stop=stop)
+    return FileAnswer(audio, answer, {"quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
+                                      "device": pipeline.placement.as_dict()})
+
+
+def answer_each_window(pipeline: Pipeline, audio_in: AudioInput, prompt: str, *,
+                       decoding: DecodingOptions | None = None,
+                       on_window: Callable[[AudioWindow], None] | None = None,
+                       on_text: Callable[[str], None] | None = None,
+                       stop: StopCheck | None = None) -> PerWindowAnswers:
+    """Answer each window of the file on its own; `on_window` is told of each before its answer."""
+    answers = []
+    for window in file_windows(pipeline, audio_in, truncate=False):
+        embeds = pipeline.embed_wave(window.wave)[0]
+        if on_window is not None:
+            on_window(window)
+        answer = pipeline.answer(embeds, prompt, decoding, on_text=on_text, stop=stop)
+        answers.append(WindowAnswer(window.start_s, window.end_s, answer, len(embeds)))
+    return PerWindowAnswers(display_name(audio_in.name), answers)
+
+
+def window_label(window: AudioWindow | WindowAnswer) -> str:
+    """What leads a window's answer (`--per-window`): where the window starts and ends."""
+    return f"[{format_clock(window.start_s)}–{format_clock(window.end_s)}] "
 
 
 def display_name(name: str) -> str:

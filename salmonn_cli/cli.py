@@ -132,19 +132,39 @@ def split_prompt(inputs: list[str], prompt: Optional[str]) -> tuple[list[str], s
     return files, prompt
 
 
-class Failures:
-    """Report a failing input on stderr and go on; the exit code says whether any failed."""
+def each_input(names: list[str], work, jsonl: bool) -> tuple[list[dict | None], int]:
+    """`work(name, shown name)` for each input: its result (a dict, or None when written elsewhere);
+    with several inputs a failing one is reported on stderr and skipped. `jsonl`: each result printed
+    as it comes. Returns the results and how many inputs failed (the exit code says whether any did)."""
+    from salmonn_cli.ask import display_name
 
-    def __init__(self):
-        self.count = 0
+    results, failed = [], 0
+    for name in names:
+        shown = display_name(name)
+        try:
+            result = work(name, shown)
+        except OutputError:
+            raise
+        except SalmonnError as e:
+            if len(names) == 1:
+                raise
+            failed += 1
+            say("error: ", f"{quoted(shown)}: {e}")
+            result = {"audio": shown, "error": str(e)}
+        if jsonl and result is not None:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+        results.append(result)
+    return results, failed
 
-    def __call__(self, name: str, error: Exception) -> None:
-        self.count += 1
-        say("error: ", f"{quoted(name)}: {error}")
 
-    def exit(self) -> None:
-        if self.count:
-            raise typer.Exit(SalmonnError.exit_code)
+def print_header(shown: str) -> None:
+    """Which of several inputs the text that follows is about."""
+    print(f"==> {shown if shown.isprintable() else quoted(shown)} <==", flush=True)
+
+
+def write_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 # --- ask -----------------------------------------------------------------------------------------
@@ -174,15 +194,36 @@ def ask(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file, as each finishes."),
 ) -> None:
     """Answer a question about audio clips (the model is loaded once for all of them)."""
-    from salmonn_cli.ask import display_name, each_window, embed_file
-    from salmonn_cli.clock import format_clock
-    from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
-    from salmonn_cli.prompt import check_instruction
 
     files, prompt = split_prompt(inputs, prompt)
+    check_ask_options(files, prompt, model, truncate=truncate, per_window=per_window, as_json=as_json, jsonl=jsonl)
+    decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
+    runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
+    streaming = not (as_json or jsonl)
+
+    def work(name: str, shown: str) -> dict:
+        if streaming and len(files) > 1:
+            print_header(shown)
+        if per_window:
+            return ask_each_window(pipeline, name, prompt, streaming)
+        return ask_file(pipeline, name, shown, prompt, truncate=truncate, streaming=streaming)
+
+    with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
+        report_placement(pipeline, verbose)
+        results, failed = each_input(files, work, jsonl)
+    if as_json:
+        print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
+    if failed:
+        raise typer.Exit(SalmonnError.exit_code)
+
+
+def check_ask_options(files: list[str], prompt: str, model: Optional[str], *, truncate: bool, per_window: bool,
+                      as_json: bool, jsonl: bool) -> None:
+    from salmonn_cli.prompt import check_instruction
+
     check_instruction(prompt)
     check_model_option(model)
     if files.count("-") > 1:
@@ -191,80 +232,49 @@ def ask(
         raise SalmonnError("--truncate and --per-window do not go together")
     if as_json and jsonl:
         raise SalmonnError("give either --json or --jsonl, not both")
-    if beams is None and temperature > 0:
-        beams = 1                       # sampling: the model's default beam search does not sample
-    options = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
-    streaming = not (as_json or jsonl)
-    failures = Failures()
-    results = []
 
-    def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
-    with Pipeline(resolve_model_dir(model), options, max_tokens=max_tokens, beams=beams) as pipeline:
-        report_placement(pipeline, verbose)
-        decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                   beams=pipeline.beams)
-        for name in files:
-            shown = display_name(name)
-            if streaming and len(files) > 1:
-                print(f"==> {shown if shown.isprintable() else quoted(shown)} <==", flush=True)
-            try:
-                audio_in = open_audio(name)
-                if per_window:
-                    windows = []
-                    for window, embeds in each_window(pipeline, audio_in):
-                        if streaming:
-                            stream(f"[{format_clock(window.start_s)}–{format_clock(window.end_s)}] ")
-                        answer = pipeline.answer(embeds, prompt, decoding, on_text=stream if streaming else None)
-                        if streaming:
-                            stream("\n")
-                        windows.append({"start": round(window.start_s, 3), "end": round(window.end_s, 3),
-                                        "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason})
-                    result = {"audio": shown, "windows": windows}
-                    warn_if_cut_short(audio_in)
-                else:
-                    audio = embed_file(pipeline, audio_in, truncate=truncate)
-                    warn_if_cut_short(audio_in)
-                    if audio.truncated:
-                        hint = "" if truncate else "; raise --context for more"
-                        warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
-                             f"are used{hint}")
-                    if len(audio.windows) > 1:
-                        notice(f"{quoted(shown)}: {len(audio.windows)} windows of audio go to the model back to back, "
-                               f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
-                    answer = pipeline.answer(audio.embeds, prompt, decoding, on_text=stream if streaming else None)
-                    if streaming:
-                        stream("\n")
-                    n = len(answer.tokens)
-                    result = {
-                        "audio": shown, "text": answer.text, "tokens": answer.tokens, "stop_reason": answer.stop_reason,
-                        "audio_seconds": round(audio.seconds, 3), "used_seconds": round(audio.used_seconds, 3),
-                        "truncated": audio.truncated, "windows": len(audio.windows), "prompt_tokens": answer.prompt_tokens,
-                        "beams": decoding.beams,
-                        "quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
-                        "device": pipeline.placement.as_dict(),
-                        "timings": {
-                            "encode_s": round(audio.encode_s, 4),
-                            "prefill_s": round(answer.prefill_s, 4),
-                            "decode_s": round(answer.decode_s, 4),
-                            "decode_tokens_per_s": round(n / answer.decode_s, 2) if n and answer.decode_s > 0 else None,
-                        },
-                    }
-            except OutputError:
-                raise
-            except SalmonnError as e:
-                if len(files) == 1:
-                    raise
-                failures(shown, e)
-                result = {"audio": shown, "error": str(e)}
-            if jsonl:
-                print(json.dumps(result, ensure_ascii=False), flush=True)
-            results.append(result)
-    if as_json and not jsonl:
-        print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
-    failures.exit()
+def ask_file(pipeline, name: str, shown: str, prompt: str, *, truncate: bool, streaming: bool) -> dict:
+    """One answer about the whole file (as much as fits in the context), streamed as it comes."""
+    from salmonn_cli.ask import answer_file
+    from salmonn_cli.audio_input import open_audio
+
+    audio_in = open_audio(name)
+
+    def on_audio(audio) -> None:
+        warn_if_cut_short(audio_in)
+        if audio.truncated:
+            hint = "" if truncate else "; raise --context for more"
+            warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
+                 f"are used{hint}")
+        if len(audio.windows) > 1:
+            notice(f"{quoted(shown)}: {len(audio.windows)} windows of audio go to the model back to back, "
+                   f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
+
+    result = answer_file(pipeline, audio_in, prompt, truncate=truncate, on_audio=on_audio,
+                         on_text=write_out if streaming else None)
+    if streaming:
+        write_out("\n")
+    return result.to_dict()
+
+
+def ask_each_window(pipeline, name: str, prompt: str, streaming: bool) -> dict:
+    """One answer per window, each streamed after its times."""
+    from salmonn_cli.ask import answer_each_window, window_label
+    from salmonn_cli.audio_input import open_audio
+
+    audio_in = open_audio(name)
+
+    def on_window(window) -> None:
+        if streaming:
+            write_out(("\n" if window.index else "") + window_label(window))
+
+    result = answer_each_window(pipeline, audio_in, prompt, on_window=on_window,
+                                on_text=write_out if streaming else None)
+    if streaming and result.windows:
+        write_out("\n")
+    warn_if_cut_short(audio_in)
+    return result.to_dict()
 
 
 # --- transcribe ----------------------------------------------------------------------------------
@@ -282,7 +292,7 @@ def transcribe(
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per window."),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
-                                        "decoding uses 4; 1 = greedy, the only one --repetition-guard watches) "
+                                        "decoding uses 4; 1 = greedy) "
                                         "[default: the model's own, from its manifest]."),
     repetition_guard: bool = typer.Option(True, "--repetition-guard/--no-repetition-guard",
                                           help="Stop a window whose output starts repeating itself."),
@@ -297,11 +307,10 @@ def transcribe(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file (text, segments), as each finishes."),
 ) -> None:
     """Transcribe or translate speech of any length, window by window (times are window-level)."""
-    from salmonn_cli.ask import display_name
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
-    from salmonn_cli.output_paths import plan_outputs
     from salmonn_cli.default_model import resolve_model_dir
+    from salmonn_cli.output_paths import plan_outputs
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.subtitles import write_subtitles
     from salmonn_cli.transcribe import TranscribeOptions, check_trained_for, task_prompt, transcribe_file
@@ -314,39 +323,30 @@ def transcribe(
         raise SalmonnError("--jsonl prints to standard output; it does not go with -o")
     plan = plan_outputs(inputs, output, fmt)     # before any audio is read: nothing is decoded in vain
     fmt = plan.format
+    targets = iter(plan.targets)            # one per input, in the order `each_input` goes
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
-    failures = Failures()
-    with Pipeline(resolve_model_dir(model), runtime, max_tokens=max_tokens, beams=beams) as pipeline:
+    options = TranscribeOptions(translate=translate, repetition_guard=RepetitionGuard() if repetition_guard else None,
+                                skip_silence=not keep_silence)
+
+    def work(name: str, shown: str) -> dict | None:
+        target = next(targets)
+        stream_txt = fmt == "txt" and target is None and not jsonl
+        if len(inputs) > 1 and target is None and not jsonl:
+            print_header(shown)
+        audio_in = open_audio(name)
+        result = transcribe_file(pipeline, audio_in, options, progress=progress,
+                                 on_segment=(lambda seg: print(seg.text, flush=True)) if stream_txt else None)
+        warn_if_cut_short(audio_in)
+        if not (stream_txt or jsonl):
+            write_subtitles(result.segments, fmt, target, result.metadata())
+        return result.to_dict() if jsonl else None
+
+    with Pipeline(resolve_model_dir(model), runtime, DecodingOptions(max_tokens=max_tokens, beams=beams)) as pipeline:
         report_placement(pipeline, verbose)
         check_trained_for(pipeline.manifest, translate)     # once, not once per file
-        options = TranscribeOptions(translate=translate, decoding=DecodingOptions(max_tokens=max_tokens, beams=pipeline.beams),
-                                    repetition_guard=RepetitionGuard() if repetition_guard else None,
-                                    skip_silence=not keep_silence)
-        for name, target in zip(inputs, plan.targets):
-            shown = display_name(name)
-            stream_txt = fmt == "txt" and target is None and not jsonl
-            on_segment = (lambda seg: print(seg.text, flush=True)) if stream_txt else None
-            try:
-                if len(inputs) > 1 and target is None and not jsonl:
-                    print(f"==> {shown if shown.isprintable() else quoted(shown)} <==", flush=True)
-                audio_in = open_audio(name)
-                result = transcribe_file(pipeline, audio_in, options, on_segment=on_segment, progress=progress)
-                warn_if_cut_short(audio_in)
-                if jsonl:
-                    print(json.dumps({**result.metadata(), "text": result.text,
-                                      "segments": [{"start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
-                                                   for s in result.segments]}, ensure_ascii=False), flush=True)
-                elif not stream_txt:
-                    write_subtitles(result.segments, fmt, target, result.metadata())
-            except OutputError:
-                raise
-            except SalmonnError as e:
-                if len(inputs) == 1:
-                    raise
-                failures(shown, e)
-                if jsonl:
-                    print(json.dumps({"audio": shown, "error": str(e)}, ensure_ascii=False), flush=True)
-    failures.exit()
+        failed = each_input(inputs, work, jsonl)[1]
+    if failed:
+        raise typer.Exit(SalmonnError.exit_code)
 
 
 # --- listen --------------------------------------------------------------------------------------
@@ -392,16 +392,15 @@ def listen(
     check_model_option(model)
     options = live.ListenOptions(prompt=live.resolve_prompt(prompt, transcribe), device=live.parse_device(input_device),
                                  input_path=input_path, speed=speed, max_seconds=duration)
-    decoding = DecodingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    decoding = DecodingOptions(max_tokens=max_tokens, beams=1, temperature=temperature, top_p=top_p, seed=seed)
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
 
     def on_heard(heard) -> None:
-        print(json.dumps(live.heard_to_dict(heard), ensure_ascii=False) if as_json else live.format_heard(heard),
-              flush=True)
+        print(json.dumps(heard.to_dict(), ensure_ascii=False) if as_json else live.format_heard(heard), flush=True)
 
-    with Pipeline(resolve_model_dir(model), runtime, max_tokens=max_tokens) as pipeline:
+    with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
         report_placement(pipeline, verbose)
-        live.listen(pipeline, options, decoding, on_heard=on_heard,
+        live.listen(pipeline, options, on_heard=on_heard,
                     log=lambda m: print(f"salmonn: {m}", file=sys.stderr, flush=True))
 
 
@@ -442,12 +441,14 @@ def serve(
         if e.name in ("starlette", "uvicorn", "multipart", "python_multipart"):
             raise SalmonnError(SERVE_EXTRA_HINT) from None
         raise
+    from salmonn_cli.decoding import DecodingOptions
+
     check_model_option(model)
     if api_key is not None and not api_key.strip():
         raise SalmonnError("--api-key is empty")
     runtime = runtime_options(threads, device, n_gpu_layers, None, context)
     options = ServeOptions(host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, queue=queue,
-                           max_tokens=max_tokens, beams=beams, lora_scale=lora_scale)
+                           decoding=DecodingOptions(max_tokens=max_tokens, beams=beams), lora_scale=lora_scale)
     raise typer.Exit(run_server(model, runtime, options, notice=notice,
                                 on_loaded=lambda pipeline: report_placement(pipeline, verbose)))
 

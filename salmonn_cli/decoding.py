@@ -1,28 +1,58 @@
-"""Decoding as small swappable parts: logit filters, token choosers, the generation loop, text streaming."""
+"""Decoding in one loop with swappable parts: options checked once, logit filters, decoders (one beam:
+greedy or sampling; beam search), stop checks (the repetition guard), a ranker, and text streaming."""
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
-from typing import Callable, Protocol
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Union
 
 import numpy as np
 
+from salmonn_cli.beams import MAX_BEAMS, is_beam_count
+from salmonn_cli.errors import SalmonnError
 
-@dataclass
+
+@dataclass(frozen=True)
 class DecodingOptions:
     max_tokens: int = 200         # official decode_config: max_new_tokens 200
-    temperature: float = 0.0      # 0 = greedy
+    beams: int | None = None      # > 1: beam search (official: 4); None: the model's own, 1 when sampling
+    temperature: float = 0.0      # 0 = the most likely token; > 0 samples (one beam)
     top_p: float = 1.0
     seed: int | None = None
-    beams: int = 1                # > 1: beam search (the official decode_config uses 4)
 
 
-# --- logit filters -------------------------------------------------------------------------------
+def verify_options(options: DecodingOptions, *, default_beams: int = 1,
+                   max_beams: int = MAX_BEAMS) -> DecodingOptions:
+    """The one check of decoding options. Returns them with `beams` filled in (None: `default_beams`,
+    or 1 when sampling: beam search does not sample); `max_beams` is what the LLM context was sized for."""
+    if options.beams is None:
+        options = replace(options, beams=1 if options.temperature > 0 else default_beams)
+    if not is_beam_count(options.beams):
+        raise SalmonnError(f"the number of beams must be between 1 and {MAX_BEAMS}, not {options.beams}")
+    if options.beams > max_beams:
+        raise SalmonnError(f"the model was loaded for at most {max_beams} beam(s), not {options.beams}")
+    if isinstance(options.max_tokens, bool) or not isinstance(options.max_tokens, int) or options.max_tokens < 1:
+        raise SalmonnError(f"the most tokens to generate must be a whole number >= 1, not {options.max_tokens}")
+    if not (math.isfinite(options.temperature) and options.temperature >= 0 and 0 <= options.top_p <= 1):
+        raise SalmonnError("the temperature must be a finite number >= 0 and top_p between 0 and 1")
+    if options.beams > 1 and options.temperature > 0:
+        raise SalmonnError("beam search does not sample: use temperature 0 with more than one beam")
+    return options
 
-def suppress_tokens(logits: np.ndarray, token_ids) -> np.ndarray:
-    logits = logits.copy()
-    logits[list(token_ids)] = -np.inf
-    return logits
+
+# --- logit filters: applied to every row of logits before a decoder chooses ---------------------
+
+class SuppressTokens:
+    """Tokens that must never be produced (e.g. rows beyond the tokenizer, as the official [PAD])."""
+
+    def __init__(self, token_ids):
+        self.token_ids = list(token_ids)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        logits = np.array(logits, copy=True)
+        logits[..., self.token_ids] = -np.inf
+        return logits
 
 
 def nucleus_probabilities(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
@@ -42,11 +72,7 @@ def nucleus_probabilities(logits: np.ndarray, temperature: float, top_p: float) 
     return probs
 
 
-# --- token choosers ------------------------------------------------------------------------------
-
-class TokenChooser(Protocol):
-    def __call__(self, logits: np.ndarray) -> int: ...
-
+# --- token choosers (the one-beam decoder's part): logits -> a token id ---------------------------
 
 class GreedyChooser:
     def __call__(self, logits: np.ndarray) -> int:
@@ -64,53 +90,11 @@ class SamplingChooser:
         return int(self.rng.choice(len(probs), p=probs))
 
 
-def make_chooser(options: DecodingOptions) -> TokenChooser:
-    if options.temperature <= 0:
-        return GreedyChooser()
-    return SamplingChooser(options.temperature, options.top_p, options.seed)
-
-
-# --- the loop ------------------------------------------------------------------------------------
-
-@dataclass
-class Generation:
-    tokens: list[int]
-    stop_reason: str   # "eos", "max_tokens", "context_full", or what a `stop` check returned
-
-
-def generate(first_logits: np.ndarray, step: Callable[[int], np.ndarray], *, eos_id: int,
-             options: DecodingOptions, room: int, on_token: Callable[[int], None] | None = None,
-             suppress: tuple[int, ...] = (),
-             stop: Callable[[list[int]], str | None] | None = None) -> Generation:
-    """Choose tokens until EOS, `options.max_tokens` or `room` (free context) runs out, or
-    `stop(tokens)` (called after each token, e.g. a `RepetitionGuard`) returns a stop reason.
-
-    `step(token)` feeds a chosen token to the model and returns the next logits.
-    """
-    choose = make_chooser(options)
-    tokens: list[int] = []
-    logits = first_logits
-    while True:
-        if len(tokens) >= options.max_tokens:
-            return Generation(tokens, "max_tokens")
-        token = choose(suppress_tokens(logits, suppress) if suppress else logits)
-        if token == eos_id:
-            return Generation(tokens, "eos")
-        tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        reason = stop(tokens) if stop is not None else None
-        if reason:
-            return Generation(tokens, reason)
-        if len(tokens) >= min(options.max_tokens, room):
-            return Generation(tokens, "max_tokens" if len(tokens) >= options.max_tokens
-                              else "context_full")
-        logits = step(token)
-
-
 # --- stopping a looping output -------------------------------------------------------------------
 
 STOP_REPETITION = "repetition"
+# A stop check sees a sequence's tokens after each new one and returns a stop reason, or None.
+StopCheck = Callable[[list[int]], "str | None"]
 
 
 @dataclass
@@ -120,7 +104,7 @@ class RepetitionGuard:
     tokens (one token 12 times, a 4-token phrase 3 times); an n-gram of `long_period` tokens or
     more loops after 2 copies (a whole sentence said twice, verbatim, in one window).
 
-    Pass it as `generate(..., stop=guard)`; `trim` then keeps the first copy of the loop.
+    A stop check for either decoder (a looping beam ends there); `trim` then keeps the first copy.
     """
     max_period: int = 64
     min_repeats: int = 3
@@ -158,7 +142,56 @@ class RepetitionGuard:
         return STOP_REPETITION if self.find_loop(tokens) is not None else None
 
 
-# --- beam search ---------------------------------------------------------------------------------
+# --- decoders: given one row of logits per live sequence, choose how each goes on -----------------
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    stop_reason: str   # "eos", "max_tokens", "context_full", or what a stop check returned
+
+
+@dataclass
+class BeamStep:
+    """How the live sequences continue: new sequence i is old sequence `parents[i]` + `tokens[i]`."""
+    parents: list[int]
+    tokens: list[int]
+
+
+def _cut_reason(n_tokens: int, max_tokens: int) -> str:
+    return "max_tokens" if n_tokens >= max_tokens else "context_full"
+
+
+class OneBeamDecoder:
+    """One sequence, a token at a time, chosen by `choose` (greedy or sampling). Ends at EOS (not
+    part of the answer), when `stop` returns a reason, or after min(max_tokens, room) tokens."""
+
+    def __init__(self, choose: Callable[[np.ndarray], int], *, eos_id: int, max_tokens: int, room: int,
+                 stop: StopCheck | None = None):
+        self.choose = choose
+        self.eos_id = eos_id
+        self.max_tokens = max_tokens
+        self.room = room
+        self.stop = stop
+        self.tokens: list[int] = []
+        self.done = max_tokens <= 0
+        self.stop_reason = "max_tokens"
+
+    def step(self, logits: np.ndarray) -> BeamStep | None:
+        token = self.choose(np.asarray(logits).reshape(-1))
+        if token == self.eos_id:
+            self.done, self.stop_reason = True, "eos"
+            return None
+        self.tokens.append(token)
+        reason = self.stop(self.tokens) if self.stop is not None else None
+        if not reason and len(self.tokens) >= min(self.max_tokens, self.room):
+            reason = _cut_reason(len(self.tokens), self.max_tokens)
+        if reason:
+            self.done, self.stop_reason = True, reason
+        return BeamStep([0], [token])
+
+    def result(self) -> Generation:
+        return Generation(self.tokens, self.stop_reason)
+
 
 # transformers 4.28 (the official pin) measures a hypothesis by len(input_ids): with inputs_embeds
 # only, that is the BOS it seeds plus the generated tokens, the EOS not counted.
@@ -166,17 +199,25 @@ HF_SEEDED_PREFIX = 1
 
 
 @dataclass
-class BeamStep:
-    """How the live beams continue: new beam i is old beam `parents[i]` followed by `tokens[i]`."""
-    parents: list[int]
-    tokens: list[int]
-
-
-@dataclass
 class _Hypothesis:
-    score: float            # sum of log-probs / length ** length_penalty
+    score: float            # the ranker's score
     tokens: list[int]
-    ended_by_eos: bool
+    stop_reason: str | None  # "eos" or a stop check's reason; None: cut at the length limit
+
+
+@dataclass(frozen=True)
+class LengthNormalisedRanker:
+    """Ranks finished sequences as transformers does: summed log-prob / length ** length_penalty,
+    where the length counts the `prefix_length` seeded tokens too; on equal scores the one
+    finished last wins."""
+    length_penalty: float = 1.0
+    prefix_length: int = HF_SEEDED_PREFIX
+
+    def score(self, sum_logprobs: float, n_tokens: int) -> float:
+        return sum_logprobs / (self.prefix_length + n_tokens) ** self.length_penalty
+
+    def best(self, hypotheses: list[_Hypothesis]) -> _Hypothesis:
+        return sorted(hypotheses, key=lambda h: h.score)[-1]
 
 
 class BeamSearchDecoder:
@@ -188,24 +229,24 @@ class BeamSearchDecoder:
     `result()` is the best hypothesis. Per step, as transformers does: the 2N best continuations
     over all beams are ranked by summed log-prob; an EOS ranked among the first N finishes its beam
     (the EOS itself is not part of the answer) and enters the N-best list of finished hypotheses
-    if it beats the worst one there; the first N non-EOS continuations become the new beams. The
+    if it beats the worst one there; the first N non-EOS continuations become the new beams. A
+    continuation that `stop` ends (e.g. a loop) is handled as an EOS, its last token kept. The
     search ends when the list is full and the worst finished score is at least the best
     continuation's sum divided by the next length (the "False" early-stopping heuristic), or at
-    `max_tokens`, when the live beams join the list as they are.
+    `max_tokens` (or `room`), when the live beams join the list as they are.
     """
 
     def __init__(self, num_beams: int, *, eos_id: int, max_tokens: int, room: int | None = None,
-                 length_penalty: float = 1.0, suppress: tuple[int, ...] = (),
-                 prefix_length: int = HF_SEEDED_PREFIX):
+                 ranker: LengthNormalisedRanker = LengthNormalisedRanker(),
+                 stop: StopCheck | None = None):
         if num_beams < 2:
             raise ValueError("beam search needs at least 2 beams (1 beam is greedy decoding)")
         self.num_beams = num_beams
         self.eos_id = eos_id
         self.max_tokens = max_tokens
         self.limit = max_tokens if room is None else min(max_tokens, room)
-        self.length_penalty = length_penalty
-        self.suppress = tuple(suppress)
-        self.prefix_length = prefix_length
+        self.ranker = ranker
+        self.stop = stop
         self.beams: list[list[int]] = [[]]                  # token histories of the live beams
         self.scores = np.zeros(1)                           # their summed log-probs
         self.finished: list[_Hypothesis] = []
@@ -214,13 +255,10 @@ class BeamSearchDecoder:
         self.n_steps = 0
 
     # --- the N-best list of finished hypotheses ------------------------------------------------
-    def _length_normalised(self, sum_logprobs: float, tokens: list[int]) -> float:
-        return sum_logprobs / (self.prefix_length + len(tokens)) ** self.length_penalty
-
-    def _add_finished(self, tokens: list[int], sum_logprobs: float, ended_by_eos: bool) -> None:
-        score = self._length_normalised(sum_logprobs, tokens)
+    def _add_finished(self, tokens: list[int], sum_logprobs: float, stop_reason: str | None) -> None:
+        score = self.ranker.score(sum_logprobs, len(tokens))
         if len(self.finished) < self.num_beams or score > self.worst_finished:
-            self.finished.append(_Hypothesis(score, list(tokens), ended_by_eos))
+            self.finished.append(_Hypothesis(score, list(tokens), stop_reason))
             if len(self.finished) > self.num_beams:
                 ranked = sorted((h.score, i) for i, h in enumerate(self.finished))
                 del self.finished[ranked[0][1]]
@@ -228,19 +266,17 @@ class BeamSearchDecoder:
             else:
                 self.worst_finished = min(score, self.worst_finished)
 
-    def _cannot_improve(self, best_sum_logprobs: float, length: int) -> bool:
+    def _cannot_improve(self, best_sum_logprobs: float) -> bool:
         if len(self.finished) < self.num_beams:
             return False
-        return self.worst_finished >= best_sum_logprobs / length ** self.length_penalty
+        # the next length: len(input_ids) once this step's token is in
+        return self.worst_finished >= self.ranker.score(best_sum_logprobs, self.n_steps)
 
     # --- one step --------------------------------------------------------------------------------
     def step(self, logits: np.ndarray) -> BeamStep | None:
         if self.done:
             raise RuntimeError("the beam search is already over")
         logits = np.asarray(logits, dtype=np.float64).reshape(len(self.beams), -1)
-        if self.suppress:
-            logits = logits.copy()
-            logits[:, list(self.suppress)] = -np.inf
         top = logits.max(axis=1, keepdims=True)
         log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
         totals = (log_probs + self.scores[:, None]).ravel()
@@ -253,9 +289,13 @@ class BeamSearchDecoder:
         parents, tokens, scores = [], [], []
         for rank, flat in enumerate(candidates):
             beam, token = divmod(int(flat), n_vocab)
-            if token == self.eos_id:
+            history, reason = self.beams[beam], "eos"
+            if token != self.eos_id:
+                history = history + [token]
+                reason = self.stop(history) if self.stop is not None else None
+            if reason:
                 if rank < self.num_beams:
-                    self._add_finished(self.beams[beam], float(totals[flat]), ended_by_eos=True)
+                    self._add_finished(history, float(totals[flat]), reason)
             else:
                 parents.append(beam)
                 tokens.append(token)
@@ -264,43 +304,62 @@ class BeamSearchDecoder:
                 break
 
         self.n_steps += 1
-        length = self.prefix_length + self.n_steps       # len(input_ids) once this step's token is in
         self.beams = [self.beams[p] + [t] for p, t in zip(parents, tokens)]
         self.scores = np.array(scores)
-        if k and self._cannot_improve(float(totals[candidates[0]]), length):
+        if k and self._cannot_improve(float(totals[candidates[0]])):
             self.done = True
             return None
         if self.n_steps >= self.limit or not parents:
             for beam, score in zip(self.beams, self.scores):
-                self._add_finished(beam, float(score), ended_by_eos=False)
+                self._add_finished(beam, float(score), None)
             self.done = True
             return None
         return BeamStep(parents, tokens)
 
     def result(self) -> Generation:
-        """The best hypothesis; on equal scores the one added last, like transformers."""
+        """The best hypothesis, as the ranker says."""
         if not self.done:
             raise RuntimeError("the beam search is not over yet")
         if not self.finished:
             return Generation([], "max_tokens")
-        best = sorted(self.finished, key=lambda h: h.score)[-1]
-        if best.ended_by_eos:
-            return Generation(best.tokens, "eos")
-        cut_by_room = len(best.tokens) < self.max_tokens
-        return Generation(best.tokens, "context_full" if cut_by_room else "max_tokens")
+        best = self.ranker.best(self.finished)
+        return Generation(best.tokens, best.stop_reason or _cut_reason(len(best.tokens), self.max_tokens))
 
 
-def beam_search(first_logits: np.ndarray, advance: Callable[[BeamStep], np.ndarray], *,
-                num_beams: int, eos_id: int, max_tokens: int, room: int,
-                suppress: tuple[int, ...] = (), length_penalty: float = 1.0) -> Generation:
-    """Run `BeamSearchDecoder` on a model: `advance(step)` reorders the beams' caches as `step` says,
-    feeds `step.tokens` and returns the next logits, one row per new beam."""
-    decoder = BeamSearchDecoder(num_beams, eos_id=eos_id, max_tokens=max_tokens, room=room,
-                                length_penalty=length_penalty, suppress=suppress)
-    logits = np.asarray(first_logits)
+Decoder = Union[OneBeamDecoder, BeamSearchDecoder]     # step(logits) -> BeamStep | None, done, result()
+
+
+def make_decoder(options: DecodingOptions, *, eos_id: int, room: int,
+                 stop: StopCheck | None = None) -> Decoder:
+    """The decoder `options` (verified) ask for; `room`: free context cells, shared by the beams."""
+    if options.beams > 1:
+        return BeamSearchDecoder(options.beams, eos_id=eos_id, max_tokens=options.max_tokens,
+                                 room=room // options.beams, stop=stop)
+    choose = (GreedyChooser() if options.temperature <= 0
+              else SamplingChooser(options.temperature, options.top_p, options.seed))
+    return OneBeamDecoder(choose, eos_id=eos_id, max_tokens=options.max_tokens, room=room, stop=stop)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+LogitFilter = Callable[[np.ndarray], np.ndarray]
+
+
+def decode(first_logits: np.ndarray, advance: Callable[[BeamStep], np.ndarray], decoder: Decoder, *,
+           filters: tuple[LogitFilter, ...] = (),
+           on_step: Callable[[BeamStep], None] | None = None) -> Generation:
+    """Run `decoder` on a model until it is done: the logits (one row per live sequence; the first
+    call: the prompt's) go through `filters`, the decoder chooses a `BeamStep`, and `advance(step)`
+    feeds it to the model (reordering the sequences' caches as it says) and returns the next logits.
+    `on_step` sees every step chosen (with one beam, each token as it comes)."""
+    logits = first_logits
     while not decoder.done:
-        step = decoder.step(logits)
-        if step is not None:
+        for apply in filters:
+            logits = apply(logits)
+        step = decoder.step(logits)        # None only once the decoder is done
+        if step is not None and on_step is not None:
+            on_step(step)
+        if not decoder.done:
             logits = advance(step)
     return decoder.result()
 

@@ -25,6 +25,7 @@ from salmonn_cli.audio_input import open_audio
 from salmonn_cli.clock import format_clock
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError, quoted
+from salmonn_cli.pipeline import Answer
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 from salmonn_cli.vad import EnergyVad, Utterance, VadOptions
 from salmonn_cli.windows import read_resampled_blocks
@@ -53,26 +54,23 @@ class Heard:
     """One utterance and the model's answer to it."""
     start_s: float
     end_s: float
-    text: str
-    tokens: list[int]
-    stop_reason: str
+    answer: Answer
     encode_s: float
-    prefill_s: float
-    decode_s: float
     utterance: Utterance
+
+    @property
+    def text(self) -> str:
+        return self.answer.text
+
+    def to_dict(self) -> dict:
+        return {"start": round(self.start_s, 3), "end": round(self.end_s, 3), **self.answer.to_dict(),
+                "timings": self.answer.timings(self.encode_s)}
 
 
 # --- output ----------------------------------------------------------------------------------------
 
 def format_heard(heard: Heard) -> str:
     return f"[{format_clock(heard.start_s)}–{format_clock(heard.end_s)}] {heard.text}"
-
-
-def heard_to_dict(heard: Heard) -> dict:
-    return {"start": round(heard.start_s, 3), "end": round(heard.end_s, 3), "text": heard.text,
-            "tokens": heard.tokens, "stop_reason": heard.stop_reason,
-            "timings": {"encoder_s": round(heard.encode_s, 4), "prefill_s": round(heard.prefill_s, 4),
-                        "decode_s": round(heard.decode_s, 4)}}
 
 
 def resolve_prompt(prompt: str | None, transcribe: bool) -> str:
@@ -262,11 +260,12 @@ def open_source(options: ListenOptions, capture: Capture, sample_rate: int):
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def listen(pipeline, options: ListenOptions, decoding: DecodingOptions,
+def listen(pipeline, options: ListenOptions, decoding: DecodingOptions | None = None,
            on_heard: Callable[[Heard], None] | None = None,
            log: Callable[[str], None] | None = None) -> list[Heard]:
     """Listen until the source ends, `options.max_seconds` of audio were heard, or Ctrl-C
-    (KeyboardInterrupt, raised after the source is closed). Calls `on_heard` as each answer is ready."""
+    (KeyboardInterrupt, raised after the source is closed). Calls `on_heard` as each answer is ready.
+    `decoding`: None decodes as the pipeline was opened to."""
     log = log or (lambda message: None)
     max_utterance = min(options.vad.max_utterance_s, pipeline.config.max_seconds)
     model_rate = pipeline.config.sample_rate
@@ -284,9 +283,8 @@ def listen(pipeline, options: ListenOptions, decoding: DecodingOptions,
     def answer(utterances: list[Utterance]) -> None:
         for utterance in utterances:
             embeds, encode_s = pipeline.embed_wave(utterance.samples.astype(np.float64))
-            result = pipeline.answer(embeds, options.prompt, decoding)
-            item = Heard(utterance.start_s, utterance.end_s, result.text, result.tokens, result.stop_reason,
-                         encode_s, result.prefill_s, result.decode_s, utterance)
+            item = Heard(utterance.start_s, utterance.end_s, pipeline.answer(embeds, options.prompt, decoding),
+                         encode_s, utterance)
             heard.append(item)
             if on_heard:
                 on_heard(item)

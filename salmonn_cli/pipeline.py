@@ -11,8 +11,8 @@ import numpy as np
 
 from salmonn_cli import audio, features
 from salmonn_cli.config import SalmonnConfig
-from salmonn_cli.beams import MAX_BEAMS, is_beam_count
-from salmonn_cli.decoding import DecodingOptions, Generation, TextStream, beam_search, generate
+from salmonn_cli.decoding import (DecodingOptions, StopCheck, SuppressTokens, TextStream, decode,
+                                  make_decoder, verify_options)
 from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offloaded_layers, require_cuda,
                                 why_cpu)
 from salmonn_cli.encoder import AudioEncoder
@@ -55,11 +55,17 @@ class Answer:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    beams: int
 
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "stop_reason": self.stop_reason}
 
-def check_beams(beams: int) -> None:
-    if not is_beam_count(beams):
-        raise SalmonnError(f"the number of beams must be between 1 and {MAX_BEAMS}, not {beams}")
+    def timings(self, encode_s: float) -> dict:
+        """Where the time went, `encode_s` being the audio's reading, features and encoder."""
+        n = len(self.tokens)
+        return {"encode_s": round(encode_s, 4), "prefill_s": round(self.prefill_s, 4),
+                "decode_s": round(self.decode_s, 4),
+                "decode_tokens_per_s": round(n / self.decode_s, 2) if n and self.decode_s > 0 else None}
 
 
 def check_lora_scale(manifest: Manifest, lora_scale: float | None) -> None:
@@ -72,16 +78,6 @@ def check_lora_scale(manifest: Manifest, lora_scale: float | None) -> None:
         raise ModelError(f"{quoted(manifest.model_dir)} has no LoRA adapter, so its LoRA scale is fixed at "
                          f"{manifest.merged_lora_scale:g}; re-export it with `salmonn export` to "
                          "use --lora-scale")
-
-
-def apply_lora_scale(llm: LlamaModel, manifest: Manifest, lora_scale: float) -> None:
-    """Make the merged model (W + merged·BA) behave as W + lora_scale·BA: the adapter adds
-    (lora_scale − merged)·BA. Meant for a freshly loaded `llm`; the default scale loads nothing."""
-    check_lora_scale(manifest, lora_scale)
-    delta = lora_scale - manifest.merged_lora_scale
-    if delta != 0.0:
-        llm.load_lora_adapter(manifest.path(manifest.lora_adapter))
-        llm.set_lora_scale(delta)
 
 
 def context_size(config, requested: int | None, needed: int) -> int:
@@ -101,16 +97,15 @@ def encoder_inputs(wave: np.ndarray, config: SalmonnConfig) -> tuple[np.ndarray,
 
 
 class Pipeline:
-    def __init__(self, model_dir: str | None, options: RuntimeOptions, max_tokens: int,
-                 beams: int | None = 1):
-        """`beams`: the most beams `answer` will be asked for (sizes the LLM context);
-        None: the model's own default decoding (`manifest.default_beams`), kept in `self.beams`."""
-        if beams is not None:
-            check_beams(beams)
+    def __init__(self, model_dir: str | None, options: RuntimeOptions,
+                 decoding: DecodingOptions = DecodingOptions()):
+        """`decoding`: how `answer` decodes unless told otherwise (beams None: the model's own,
+        `manifest.default_beams`), kept verified in `self.decoding`. Its beams and max_tokens size the
+        LLM context: an `answer` may ask for no more beams than these."""
         self.manifest: Manifest = load_manifest(model_dir)
         self.config = self.manifest.config
-        beams = self.manifest.default_beams if beams is None else beams
-        self.beams = beams
+        self.decoding = verify_options(decoding, default_beams=self.manifest.default_beams)
+        beams = self.decoding.beams
         check_lora_scale(self.manifest, options.lora_scale)
         check_device(options.device)
         require_cuda(options.device, options.n_gpu_layers)      # before anything loads
@@ -118,7 +113,7 @@ class Pipeline:
         self.encoder = AudioEncoder(self.manifest.path(self.manifest.audio_encoder),
                                     n_threads=options.n_threads, device=options.device)
         # every beam holds up to max_tokens cells of its own; the prompt's cells are shared
-        self.answer_room = PROMPT_TEXT_BUDGET + beams * max_tokens
+        self.answer_room = PROMPT_TEXT_BUDGET + beams * self.decoding.max_tokens
         n_ctx = context_size(self.config, options.context, 1 + self.config.n_audio_tokens + self.answer_room)
         self.llm = LlamaModel(self.manifest.path(self.manifest.llm), n_ctx=n_ctx,
                               n_threads=options.n_threads, n_gpu_layers=gpu_layers,
@@ -130,16 +125,16 @@ class Pipeline:
         if self.llm.n_embd != self.config.llm.hidden_size:
             raise ModelError(f"the GGUF's embedding width {self.llm.n_embd} does not match the "
                              f"audio encoder's {self.config.llm.hidden_size}")
-        if options.lora_scale is not None:
-            apply_lora_scale(self.llm, self.manifest, options.lora_scale)
         # Rows beyond the tokenizer (e.g. the official [PAD] row) must never be produced.
-        self.suppress = tuple(range(self.config.llm.vocab_size, self.llm.n_vocab))
-        self._adapter_loaded = options.lora_scale is not None and self.llm.lora_scale != 0.0
+        self.suppress = SuppressTokens(range(self.config.llm.vocab_size, self.llm.n_vocab))
+        self._adapter_loaded = False
+        self.use_lora_scale(options.lora_scale)
 
     def use_lora_scale(self, lora_scale: float | None) -> None:
-        """Answer from now on with LoRA strength `lora_scale` (None: the scale merged at export), for a
-        loaded model that serves requests with different scales. The adapter is loaded the first time
-        a scale other than the merged one is asked for."""
+        """Answer from now on with LoRA strength `lora_scale` (None: the scale merged at export; also for
+        a server whose requests ask for different scales). The merged model (W + merged·BA) behaves as
+        W + lora_scale·BA: the adapter adds (lora_scale − merged)·BA. It is loaded the first time a
+        scale other than the merged one is asked for."""
         check_lora_scale(self.manifest, lora_scale)
         delta = 0.0 if lora_scale is None else lora_scale - self.manifest.merged_lora_scale
         if delta == self.llm.lora_scale:
@@ -184,30 +179,18 @@ class Pipeline:
         return embeds, time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
-    def _check_beam_options(self, options: DecodingOptions) -> None:
-        check_beams(options.beams)
-        if options.beams > self.beams:
-            raise SalmonnError(f"this pipeline was opened for at most {self.beams} beam(s), "
-                               f"not {options.beams}")
-        if options.beams > 1 and options.temperature > 0:
-            raise SalmonnError("beam search does not sample: use temperature 0 with more than one beam")
+    def verified(self, decoding: DecodingOptions) -> DecodingOptions:
+        """`decoding` checked, with beams None filled in from `self.decoding`, whose beams it may not pass."""
+        return verify_options(decoding, default_beams=self.decoding.beams, max_beams=self.decoding.beams)
 
-    def _beam_search(self, logits: np.ndarray, n_prompt: int, options: DecodingOptions) -> Generation:
-        """Beam search from the prompt's last logits; the prompt is cached on sequence 0."""
-        sequences = BeamSequences(self.llm, options.beams, next_pos=n_prompt)
-        return beam_search(logits, lambda step: sequences.advance(step.parents, step.tokens),
-                           num_beams=options.beams, eos_id=self.llm.eos_id,
-                           max_tokens=options.max_tokens,
-                           room=(self.llm.n_ctx - n_prompt) // options.beams,
-                           suppress=self.suppress)
-
-    def answer(self, embeds: np.ndarray, instruction: str, options: DecodingOptions,
-               on_text: Callable[[str], None] | None = None,
-               stop: Callable[[list[int]], str | None] | None = None) -> Answer:
-        """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden).
-        `stop` is checked after each token (see `decoding.generate`); not with beam search.
-        `options.beams > 1` runs beam search (transformers 4.28 semantics, as the official model)."""
-        self._check_beam_options(options)
+    def answer(self, embeds: np.ndarray, instruction: str, decoding: DecodingOptions | None = None,
+               on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None) -> Answer:
+        """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden),
+        decoded as `decoding` says (None: `self.decoding`; beams None: `self.decoding`'s). `stop` is
+        checked after each token of each sequence (`decoding.RepetitionGuard`, a cancel check). More
+        than one beam runs beam search (transformers 4.28 semantics, as the official model); its text
+        comes through `on_text` when the search ends."""
+        decoding = self.decoding if decoding is None else self.verified(decoding)
         llm = self.llm
         prompt = build_prompt(self.config, instruction, llm.tokenize)
         n_prompt = 1 + len(prompt.ids_before) + len(embeds) + len(prompt.ids_after)
@@ -224,26 +207,23 @@ class Pipeline:
         stream = TextStream(llm.token_to_bytes)
         pieces: list[str] = []
 
-        def on_token(token: int) -> None:
-            text = stream.push(token)
+        def show(text: str) -> None:
             if text:
                 pieces.append(text)
                 if on_text:
                     on_text(text)
 
-        if options.beams > 1:
-            generation = self._beam_search(logits, n_prompt, options)
+        decoder = make_decoder(decoding, eos_id=llm.eos_id, room=llm.n_ctx - n_prompt, stop=stop)
+        if decoding.beams > 1:
+            sequences = BeamSequences(llm, decoding.beams, next_pos=n_prompt)
+            generation = decode(logits, lambda step: sequences.advance(step.parents, step.tokens), decoder,
+                                filters=(self.suppress,))
             for token in generation.tokens:     # beams cannot stream: the text comes at the end
-                on_token(token)
+                show(stream.push(token))
         else:
-            generation: Generation = generate(
-                logits, lambda token: llm.decode_tokens([token]), eos_id=llm.eos_id, options=options,
-                room=llm.n_ctx - n_prompt, on_token=on_token, suppress=self.suppress, stop=stop)
-        tail = stream.flush()
-        if tail:
-            pieces.append(tail)
-            if on_text:
-                on_text(tail)
+            generation = decode(logits, lambda step: llm.decode_tokens(step.tokens), decoder,
+                                filters=(self.suppress,), on_step=lambda step: show(stream.push(step.tokens[0])))
+        show(stream.flush())
         t2 = time.perf_counter()
         return Answer("".join(pieces).strip(), generation.tokens, generation.stop_reason,
-                      n_prompt, t1 - t0, t2 - t1)
+                      n_prompt, t1 - t0, t2 - t1, decoding.beams)

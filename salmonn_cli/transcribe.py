@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -93,6 +93,9 @@ class Segment:
     stop_reason: str = ""        # as `Answer.stop_reason`; "repetition" when the guard cut a loop
     window: int = 0              # index of the window it came from
 
+    def to_dict(self) -> dict:
+        return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
+
 
 @dataclass
 class Transcript:
@@ -116,11 +119,14 @@ class Transcript:
                 "windows": self.n_windows, "skipped_silent_windows": self.skipped_silent,
                 "elapsed_s": round(self.elapsed_s, 3)}
 
+    def to_dict(self) -> dict:
+        return {**self.metadata(), "text": self.text, "segments": [s.to_dict() for s in self.segments]}
+
 
 @dataclass
 class TranscribeOptions:
     translate: str | None = None            # target language (code or name); None transcribes
-    decoding: DecodingOptions = field(default_factory=DecodingOptions)
+    decoding: DecodingOptions | None = None  # None: the pipeline's own
     window_seconds: float = WINDOW_SECONDS
     seam_search_seconds: float = SEAM_SEARCH_SECONDS
     repetition_guard: RepetitionGuard | None = field(default_factory=RepetitionGuard)
@@ -189,34 +195,16 @@ def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
     return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()
 
 
-def transcribe_windows(pipeline, windows: Iterator[AudioWindow], options: TranscribeOptions,
-                       on_window: Callable[[AudioWindow, Segment | None], None] | None = None
-                       ) -> tuple[list[Segment], int, int]:
-    """Decode each window; returns (segments with text, windows seen, silent windows skipped).
-    `on_window(window, segment_or_None)` is called after each window."""
-    prompt = task_prompt(options.translate)
+def transcribe_window(pipeline, window: AudioWindow, prompt: str, options: TranscribeOptions) -> Segment | None:
+    """The window's segment (None: no text); a loop the repetition guard stopped is cut to its first copy."""
     guard = options.repetition_guard
-    segments: list[Segment] = []
-    n_windows = skipped = 0
-    for window in windows:
-        n_windows += 1
-        segment = None
-        if options.skip_silence and is_silent(window.wave):
-            skipped += 1
-        else:
-            embeds, _ = pipeline.embed_wave(window.wave)
-            answer = pipeline.answer(embeds, prompt, options.decoding, stop=guard)
-            tokens, text = answer.tokens, answer.text
-            if guard is not None and answer.stop_reason == STOP_REPETITION:
-                tokens = guard.trim(tokens)
-                text = render_tokens(tokens, pipeline.llm.token_to_bytes)
-            if text:
-                segment = Segment(window.start_s, window.end_s, text, tokens, answer.stop_reason,
-                                  window.index)
-                segments.append(segment)
-        if on_window is not None:
-            on_window(window, segment)
-    return segments, n_windows, skipped
+    embeds, _ = pipeline.embed_wave(window.wave)
+    answer = pipeline.answer(embeds, prompt, options.decoding, stop=guard)
+    tokens, text = answer.tokens, answer.text
+    if guard is not None and answer.stop_reason == STOP_REPETITION:
+        tokens = guard.trim(tokens)
+        text = render_tokens(tokens, pipeline.llm.token_to_bytes)
+    return Segment(window.start_s, window.end_s, text, tokens, answer.stop_reason, window.index) if text else None
 
 
 def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
@@ -242,18 +230,21 @@ def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
                            min(options.seam_search_seconds, options.window_seconds / 2))
     bar = (WindowProgress(os.path.basename(name), total, forced=bool(progress))
            if progress_wanted(total, options.window_seconds, progress) else None)
-    seconds = 0.0
-
-    def on_window(window: AudioWindow, segment: Segment | None) -> None:
-        nonlocal seconds
-        seconds = window.end_s
-        if bar is not None:
-            bar.window_done(window)
-        if segment is not None and on_segment is not None:
-            on_segment(segment)
-
+    segments: list[Segment] = []
+    seconds, n_windows, skipped = 0.0, 0, 0
     with bar or contextlib.nullcontext():
-        segments, n_windows, skipped = transcribe_windows(pipeline, windows, options, on_window)
+        for window in windows:
+            n_windows += 1
+            seconds = window.end_s
+            silent = options.skip_silence and is_silent(window.wave)
+            skipped += silent
+            segment = None if silent else transcribe_window(pipeline, window, prompt, options)
+            if bar is not None:
+                bar.window_done(window)
+            if segment is not None:
+                segments.append(segment)
+                if on_segment is not None:
+                    on_segment(segment)
     language = language_name(options.translate) if options.translate else None
     return Transcript(name, TASK_TRANSLATE if language else TASK_TRANSCRIBE, language, prompt,
                       seconds, segments, n_windows, skipped, time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""Beam search: `BeamSearchDecoder` on a fake model against transformers, then `Pipeline.answer`
+"""Beam search: `BeamSearchDecoder` (in the one decoding loop) on a fake model against transformers, then `Pipeline.answer`
 with `beams` on the exported official-tiny model (f32, exact attention) against the official
 reference and against transformers' beam search on our PyTorch model.
 
@@ -19,7 +19,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutput
 
 from salmonn_cli.ask import embed_file
-from salmonn_cli.decoding import BeamSearchDecoder, DecodingOptions, beam_search
+from salmonn_cli.decoding import (BeamSearchDecoder, DecodingOptions, LengthNormalisedRanker, RepetitionGuard,
+                                  SuppressTokens, decode)
 from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.llm import BeamSequences, LlamaModel
 from salmonn_cli.manifest import MANIFEST_NAME, load_manifest
@@ -51,7 +52,7 @@ def fake_logits(table: np.ndarray, history: list[int]) -> np.ndarray:
     return table[h]
 
 
-def fake_beam_search(table, num_beams, max_tokens, length_penalty=1.0, room=10**6):
+def fake_beam_search(table, num_beams, max_tokens, length_penalty=1.0, room=10**6, stop=None):
     beams = [[]]
 
     def advance(step):
@@ -60,8 +61,9 @@ def fake_beam_search(table, num_beams, max_tokens, length_penalty=1.0, room=10**
         beams = [beams[p] + [t] for p, t in zip(step.parents, step.tokens)]
         return np.stack([fake_logits(table, b) for b in beams])
 
-    return beam_search(fake_logits(table, []), advance, num_beams=num_beams, eos_id=FAKE_EOS,
-                       max_tokens=max_tokens, room=room, length_penalty=length_penalty)
+    decoder = BeamSearchDecoder(num_beams, eos_id=FAKE_EOS, max_tokens=max_tokens, room=room,
+                                ranker=LengthNormalisedRanker(length_penalty), stop=stop)
+    return decode(fake_logits(table, []), advance, decoder)
 
 
 # (seed, vocab, beams, max_tokens, eos_bias, length_penalty) -> (tokens, stop reason), as returned
@@ -133,8 +135,8 @@ def test_decoder_matches_installed_transformers_when_no_eos_is_chosen(seed):
 
 def test_decoder_steps_suppression_room_and_bad_use():
     table = fake_table(3, 20, eos_bias=-50.0)
-    decoder = BeamSearchDecoder(3, eos_id=FAKE_EOS, max_tokens=4, suppress=(5, 7))
-    step = decoder.step(fake_logits(table, []))
+    decoder = BeamSearchDecoder(3, eos_id=FAKE_EOS, max_tokens=4)
+    step = decoder.step(SuppressTokens((5, 7))(fake_logits(table, [])))
     assert step.parents == [0, 0, 0] and len(set(step.tokens)) == 3       # one row at first
     assert not {5, 7} & set(step.tokens)
     with pytest.raises(RuntimeError):
@@ -147,12 +149,34 @@ def test_decoder_steps_suppression_room_and_bad_use():
     assert fake_beam_search(table, 3, max_tokens=0).tokens == []
 
 
+def test_the_repetition_guard_ends_looping_beams_too():
+    """A model that loops on "5 6": the guard ends each looping beam there, as it ends greedy decoding."""
+    def looping(history):
+        row = np.zeros(12, dtype=np.float32)
+        row[6 if history and history[-1] == 5 else 5] = 10.0
+        return row
+
+    beams = [[]]
+
+    def advance(step):
+        nonlocal beams
+        beams = [beams[p] + [t] for p, t in zip(step.parents, step.tokens)]
+        return np.stack([looping(b) for b in beams])
+
+    guard = RepetitionGuard()
+    g = decode(looping([]), advance, BeamSearchDecoder(3, eos_id=FAKE_EOS, max_tokens=100, stop=guard))
+    assert g.stop_reason == "repetition" and g.tokens == [5, 6] * 6 and guard.trim(g.tokens) == [5, 6]
+    beams = [[]]
+    unguarded = decode(looping([]), advance, BeamSearchDecoder(3, eos_id=FAKE_EOS, max_tokens=100))
+    assert unguarded.stop_reason == "max_tokens" and len(unguarded.tokens) == 100
+
+
 # --- the exported official-tiny model ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def pipeline(model_f32):
-    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1), max_tokens=REFERENCE_STEPS,
-                  beams=4) as p:
+    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1), DecodingOptions(max_tokens=REFERENCE_STEPS,
+                                                                                beams=4)) as p:
         yield p
 
 
@@ -178,7 +202,8 @@ def test_four_beams_give_the_official_beam_tokens(pipeline, embeds, reference, n
 def test_one_beam_is_greedy(pipeline, model_f32, embeds, reference, name):
     greedy = reference[f"{name}.greedy_ids"][0, 1:].tolist()
     assert answer(pipeline, embeds[name], beams=1).tokens == greedy             # 4-beam context
-    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1), max_tokens=REFERENCE_STEPS) as plain:
+    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1),
+                  DecodingOptions(max_tokens=REFERENCE_STEPS, beams=1)) as plain:
         assert answer(plain, embeds[name], beams=1).tokens == greedy
 
 
@@ -235,8 +260,8 @@ def test_shared_cache_beams_see_the_same_logits_as_a_fresh_decode(pipeline, mode
 
         first = prefill(llm)
         assert np.abs(first - fresh_prompt_logits).max() <= LOGIT_ATOL
-        g = beam_search(first, advance, num_beams=beams, eos_id=llm.eos_id, max_tokens=steps,
-                        room=steps, suppress=pipeline.suppress)
+        g = decode(first, advance, BeamSearchDecoder(beams, eos_id=llm.eos_id, max_tokens=steps, room=steps),
+                   filters=(pipeline.suppress,))
     assert len(g.tokens) == steps
     assert reorders > 1                 # beams did split and die, not just run side by side
     assert worst <= LOGIT_ATOL, worst
@@ -268,7 +293,7 @@ def test_bad_beam_options(pipeline, model_f32, embeds):
     with pytest.raises(SalmonnError, match="temperature 0"):
         answer(pipeline, embeds["short"], beams=2, temperature=0.7)
     with pytest.raises(SalmonnError, match="number of beams"):
-        Pipeline(str(model_f32), RuntimeOptions(n_threads=1), max_tokens=8, beams=0)
+        Pipeline(str(model_f32), RuntimeOptions(n_threads=1), DecodingOptions(max_tokens=8, beams=0))
 
 
 # --- the model's own default decoding (the manifest's "decoding") ------------------------------------

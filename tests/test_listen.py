@@ -225,7 +225,7 @@ def model_dir(model_f32):
 
 @pytest.fixture(scope="module")
 def pipeline(model_dir):
-    with Pipeline(str(model_dir), RuntimeOptions(n_threads=1, device="cpu"), max_tokens=MAX_TOKENS) as p:
+    with Pipeline(str(model_dir), RuntimeOptions(n_threads=1, device="cpu"), DecodingOptions(max_tokens=MAX_TOKENS)) as p:
         yield p
 
 
@@ -243,7 +243,7 @@ def test_replay_answers_each_utterance_with_its_time(replayed, speech_recording)
     assert len(lines) == len(heard)
     for h, line in zip(heard, lines):
         assert line.startswith(f"[{format_clock(h.start_s)}–{format_clock(h.end_s)}] ")
-        assert h.tokens and h.text
+        assert h.answer.tokens and h.text
 
 
 def test_replay_answers_equal_asking_about_the_same_audio(replayed, pipeline, speech_recording):
@@ -253,7 +253,7 @@ def test_replay_answers_equal_asking_about_the_same_audio(replayed, pipeline, sp
         clip = speech_recording["wave"][first:first + len(h.utterance.samples)]
         np.testing.assert_array_equal(h.utterance.samples, clip)  # exact
         embeds, _ = pipeline.embed_wave(clip)
-        assert h.tokens == pipeline.answer(embeds, TRANSCRIBE_PROMPT, decoding).tokens  # exact
+        assert h.answer.tokens == pipeline.answer(embeds, TRANSCRIBE_PROMPT, decoding).tokens  # exact
 
 
 def test_replay_at_real_time_pace(pipeline, speech_recording, tmp_path):
@@ -304,7 +304,7 @@ from salmonn_cli import listen as listen_module
 from salmonn_cli.clock import format_clock
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError
-from salmonn_cli.listen import ListenOptions, input_devices, listen, open_microphone, heard_to_dict
+from salmonn_cli.listen import ListenOptions, input_devices, listen, open_microphone
 from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 model, device, seconds, max_tokens = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 out = {"devices": [d["name"] for d in input_devices()]}
@@ -312,9 +312,9 @@ try:
     open_microphone("no-such-device", None, None)
 except AudioError as e:
     out["bad_device_error"] = str(e)
-with Pipeline(model, RuntimeOptions(n_threads=1, device="cpu"), max_tokens=max_tokens) as p:
+with Pipeline(model, RuntimeOptions(n_threads=1, device="cpu"), DecodingOptions(max_tokens=max_tokens)) as p:
     heard = listen(p, ListenOptions(device=device, max_seconds=seconds), DecodingOptions(max_tokens=max_tokens))
-out["heard"] = [heard_to_dict(h) for h in heard]
+out["heard"] = [h.to_dict() for h in heard]
 print(json.dumps(out))
 """
 
@@ -348,7 +348,7 @@ def test_listen_through_an_alsa_capture_device(tmp_path, model_dir, speech_recor
     assert ALSA_DEVICE in out["devices"]
     assert "no-such-device" in out["bad_device_error"]
     # The device delivers the recording bit-exactly, so the answers are the file replay's, token for token.
-    expected = [(round(h.start_s, 3), round(h.end_s, 3), h.tokens) for h in replayed[0]]
+    expected = [(round(h.start_s, 3), round(h.end_s, 3), h.answer.tokens) for h in replayed[0]]
     assert [(h["start"], h["end"], h["tokens"]) for h in out["heard"]] == expected
 
 

@@ -197,7 +197,7 @@ def test_adapter_on_a_quantized_base(exported, tmp_path, official, reference, me
 @pytest.mark.parametrize("scale", (0.0, 2.0))
 def test_pipeline_answers_with_the_requested_scale(exported, official, reference, scale):
     expected = torch_greedy(official, reference["speech.llm_input_embeds"], scale)
-    with Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=scale), GREEDY_STEPS) as pipe:
+    with Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=scale), DecodingOptions(max_tokens=GREEDY_STEPS)) as pipe:
         answer = pipe.answer(reference["speech.audio_embeds"][0], PROMPT,
                              DecodingOptions(max_tokens=GREEDY_STEPS))
     assert answer.tokens == expected
@@ -205,7 +205,7 @@ def test_pipeline_answers_with_the_requested_scale(exported, official, reference
 
 
 def test_pipeline_default_scale_loads_no_adapter(exported, reference, merged_scale):
-    with Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=merged_scale), GREEDY_STEPS) as pipe:
+    with Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=merged_scale), DecodingOptions(max_tokens=GREEDY_STEPS)) as pipe:
         assert pipe.llm.lora_scale == 0.0
         answer = pipe.answer(reference["speech.audio_embeds"][0], PROMPT,
                              DecodingOptions(max_tokens=GREEDY_STEPS))
@@ -229,10 +229,10 @@ def test_model_without_adapter_still_loads_but_refuses_a_scale(exported, tmp_pat
     _copy_without_adapter(exported, old)
     assert load_manifest(old).lora_adapter is None
     with pytest.raises(ModelError) as e:
-        Pipeline(old, RuntimeOptions(n_threads=1, lora_scale=2.0), GREEDY_STEPS)
+        Pipeline(old, RuntimeOptions(n_threads=1, lora_scale=2.0), DecodingOptions(max_tokens=GREEDY_STEPS))
     message = str(e.value)
     assert "no LoRA adapter" in message and "re-export" in message and "\n" not in message
-    with Pipeline(old, RuntimeOptions(n_threads=1), GREEDY_STEPS) as pipe:
+    with Pipeline(old, RuntimeOptions(n_threads=1), DecodingOptions(max_tokens=GREEDY_STEPS)) as pipe:
         assert pipe.llm.lora_scale == 0.0
 
 
@@ -247,7 +247,7 @@ def test_manifest_naming_an_unlisted_adapter_is_malformed(exported, tmp_path):
 
 def test_bad_scale_and_bad_adapter_file(exported, exact_llm):
     with pytest.raises(SalmonnError, match="finite"):
-        Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=float("nan")), GREEDY_STEPS)
+        Pipeline(exported, RuntimeOptions(n_threads=1, lora_scale=float("nan")), DecodingOptions(max_tokens=GREEDY_STEPS))
     with pytest.raises(ModelError, match="not found"):
         exact_llm.load_lora_adapter(exported / "missing.gguf")
     with pytest.raises(ModelError, match="cannot load the LoRA adapter"):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from salmonn_cli import audio
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.default_model import default_model_dir
 from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from train.beats import load_beats
@@ -92,7 +93,7 @@ def test_quick_recipe_end_to_end(tmp_path):
     options = RuntimeOptions(n_threads=1, device="cpu")
     embeddings = []
     for model_dir in (model, built):
-        with Pipeline(str(model_dir), options, max_tokens=4) as pipeline:
+        with Pipeline(str(model_dir), options, DecodingOptions(max_tokens=4)) as pipeline:
             embeddings.append(pipeline.embed_wave(wave)[0])
     assert embeddings[0].shape == embeddings[1].shape
     assert float(np.abs(embeddings[0] - embeddings[1]).max()) <= PACKAGED_EMBED_ATOL

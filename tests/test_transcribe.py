@@ -17,8 +17,8 @@ import soundfile as sf
 
 from conftest import AUDIO
 from salmonn_cli import audio, clock, subtitles, windows
-from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, RepetitionGuard,
-                                  generate)
+from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, GreedyChooser, OneBeamDecoder,
+                                  RepetitionGuard, decode)
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.output_paths import format_from_suffix
 from salmonn_cli.transcribe import (LANGUAGES, TRANSCRIBE_PROMPT, Segment, TranscribeOptions,
@@ -125,7 +125,7 @@ def test_repetition_guard_finds_loops_and_trims_to_one_copy():
     assert guard.trim(varied) == varied
 
 
-def test_generate_stops_on_the_guard_and_stays_compatible_without_it():
+def test_decoding_stops_on_the_guard_and_stays_compatible_without_it():
     vocab = 16
     script = [3, 4] + [5, 6] * 20                        # a model that loops on "5 6"
 
@@ -140,11 +140,13 @@ def test_generate_stops_on_the_guard_and_stays_compatible_without_it():
         position["i"] += 1
         return logits_for(position["i"])
 
-    options = DecodingOptions(max_tokens=100)
-    g = generate(logits_for(0), step, eos_id=2, options=options, room=1000, stop=RepetitionGuard())
+    def greedy(stop=None):
+        return OneBeamDecoder(GreedyChooser(), eos_id=2, max_tokens=100, room=1000, stop=stop)
+
+    g = decode(logits_for(0), lambda s: step(s.tokens[0]), greedy(RepetitionGuard()))
     assert g.stop_reason == STOP_REPETITION and g.tokens == [3, 4] + [5, 6] * 6
     position["i"] = 0
-    plain = generate(logits_for(0), step, eos_id=2, options=options, room=1000)
+    plain = decode(logits_for(0), lambda s: step(s.tokens[0]), greedy())
     assert plain.stop_reason == "eos" and plain.tokens == script
 
 
@@ -345,7 +347,7 @@ def test_ten_minute_file_is_windowed_with_bounded_memory(tmp_path):
 def pipeline(model_f32):
     from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 
-    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1), max_tokens=200) as p:
+    with Pipeline(str(model_f32), RuntimeOptions(n_threads=1), DecodingOptions(max_tokens=200)) as p:
         yield p
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from salmonn_cli import config as cfgmod
-from salmonn_cli.decoding import (DecodingOptions, GreedyChooser, SamplingChooser, TextStream,
-                                  generate, nucleus_probabilities)
+from salmonn_cli.decoding import (DecodingOptions, GreedyChooser, SamplingChooser, SuppressTokens, TextStream,
+                                  decode, make_decoder, nucleus_probabilities, verify_options)
 from salmonn_cli.errors import ModelError, SalmonnError
 from salmonn_cli.manifest import FORMAT_VERSION, load_manifest, manifest_dict
 from train import presets
@@ -59,21 +59,23 @@ def _fake_model(sequence, vocab=10):
         return out
 
     first = logits_for(next(it))
-    return first, lambda _tok: logits_for(next(it))
+    return first, lambda step: logits_for(next(it))
 
 
-def test_generate_stops_at_eos_max_tokens_and_context():
-    first, step = _fake_model([5, 6, 2, 7])
-    g = generate(first, step, eos_id=2, options=DecodingOptions(max_tokens=10), room=100)
+def greedy_decode(sequence, max_tokens, room, filters=()):
+    first, advance = _fake_model(sequence)
+    decoder = make_decoder(verify_options(DecodingOptions(max_tokens=max_tokens)), eos_id=2, room=room)
+    return decode(first, advance, decoder, filters=filters)
+
+
+def test_decoding_stops_at_eos_max_tokens_and_context():
+    g = greedy_decode([5, 6, 2, 7], max_tokens=10, room=100)
     assert (g.tokens, g.stop_reason) == ([5, 6], "eos")
-    first, step = _fake_model([5, 6, 7, 8])
-    g = generate(first, step, eos_id=2, options=DecodingOptions(max_tokens=3), room=100)
+    g = greedy_decode([5, 6, 7, 8], max_tokens=3, room=100)
     assert (g.tokens, g.stop_reason) == ([5, 6, 7], "max_tokens")
-    first, step = _fake_model([5, 6, 7, 8])
-    g = generate(first, step, eos_id=2, options=DecodingOptions(max_tokens=10), room=2)
+    g = greedy_decode([5, 6, 7, 8], max_tokens=10, room=2)
     assert (g.tokens, g.stop_reason) == ([5, 6], "context_full")
-    first, step = _fake_model([9, 6, 2])
-    g = generate(first, step, eos_id=2, options=DecodingOptions(max_tokens=10), room=100, suppress=(9,))
+    g = greedy_decode([9, 6, 2], max_tokens=10, room=100, filters=(SuppressTokens([9]),))
     assert g.tokens[0] != 9
 
 

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import DEBUG_ENV
 from salmonn_cli.serve.audio_api import audio_route
 from salmonn_cli.serve.chat import chat_completions
@@ -32,9 +33,7 @@ class ServerState:
     model_id: str
     created: int                     # the model's manifest time, for /v1/models
     upload_limit: int                # bytes
-    max_tokens: int                  # the most a request may generate (per window)
-    default_beams: int
-    max_beams: int
+    decoding: DecodingOptions        # for requests that name none; its max_tokens and beams are the most
     lora_scale: float | None         # for requests that name none (None: as exported)
     api_key: str | None
     log: Callable[[str], None]

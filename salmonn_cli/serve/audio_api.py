@@ -22,7 +22,7 @@ from salmonn_cli.serve.body import read_form
 from salmonn_cli.serve.chat import MAX_TEMPERATURE
 from salmonn_cli.serve.disconnect import watch_disconnect
 from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
-from salmonn_cli.serve.params import form_number
+from salmonn_cli.serve.params import form_number, request_decoding
 from salmonn_cli.serve.worker import CancellableGuard, ClientGone
 from salmonn_cli.subtitles import WRITERS
 from salmonn_cli.transcribe import (TranscribeOptions, Transcript, check_trained_for, language_name,
@@ -45,7 +45,7 @@ class AudioRequest:
 
 
 def parse_audio_request(fields: dict[str, str], files: dict[str, tuple[str, bytes]], *, translation: bool,
-                        max_tokens: int, default_beams: int, max_beams: int) -> AudioRequest:
+                        served: DecodingOptions) -> AudioRequest:
     if "file" not in files:
         raise bad_request("the audio goes in a multipart field named `file`", param="file")
     name, audio = files["file"]
@@ -61,17 +61,9 @@ def parse_audio_request(fields: dict[str, str], files: dict[str, tuple[str, byte
             language_name(language)
     except SalmonnError as e:
         raise from_salmonn_error(e, param="language") from None
-    temperature = form_number(fields, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
-    beams = form_number(fields, "beams", None, 1, MAX_BEAMS, integer=True)
-    if beams is None:
-        beams = 1 if temperature > 0 else default_beams
-    if beams > max_beams:
-        raise bad_request(f"beams {beams} is more than this server was started for (salmonn serve --beams {max_beams})",
-                          param="beams")
-    if beams > 1 and temperature > 0:
-        raise bad_request("beam search does not sample: use temperature 0 with more than one beam", param="beams")
-    limit = form_number(fields, "max_tokens", max_tokens, 1, float("inf"), integer=True)
-    decoding = DecodingOptions(max_tokens=min(limit, max_tokens), temperature=temperature, beams=beams)
+    decoding = request_decoding(served, form_number(fields, "max_tokens", None, 1, float("inf"), integer=True),
+                                temperature=form_number(fields, "temperature", 0.0, 0.0, MAX_TEMPERATURE),
+                                beams=form_number(fields, "beams", None, 1, MAX_BEAMS, integer=True))
     lora_scale = form_number(fields, "lora_scale", None, -1e6, 1e6)
     translate = (language or DEFAULT_TRANSLATION_TARGET) if translation else None
     return AudioRequest(audio, name, translate, None if translation else language, fmt, decoding, lora_scale)
@@ -111,8 +103,7 @@ def render(transcript: Transcript, request: AudioRequest) -> tuple[str, object]:
 async def audio_route(request, server, *, translation: bool):
     with server.worker.admit() as job:
         fields, files = await read_form(request, server.upload_limit)
-        upload = parse_audio_request(fields, files, translation=translation, max_tokens=server.max_tokens,
-                                     default_beams=server.default_beams, max_beams=server.max_beams)
+        upload = parse_audio_request(fields, files, translation=translation, served=server.decoding)
         try:
             check_trained_for(server.worker.pipeline.manifest, upload.translate)   # before it waits in the queue
         except SalmonnError as e:

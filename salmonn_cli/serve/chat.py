@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: OpenAI's chat format answered by the `salmonn ask` flow (`embed_file` or
-`each_window`, then `Pipeline.answer`), so an answer is token for token what `salmonn ask` prints.
+"""POST /v1/chat/completions: OpenAI's chat format answered by the `salmonn ask` flows (`answer_file` or
+`answer_each_window`), so an answer is token for token what `salmonn ask` prints.
 
 SALMONN answers one question about one recording: the prompt is the text of the last user message,
 the audio its `input_audio` part (or, in a conversation that goes on about the same recording, the
@@ -20,8 +20,7 @@ from typing import Callable
 import anyio
 from starlette.responses import JSONResponse, StreamingResponse
 
-from salmonn_cli.ask import each_window, embed_file
-from salmonn_cli.clock import format_clock
+from salmonn_cli.ask import answer_each_window, answer_file, window_label
 from salmonn_cli.audio import MemoryAudio
 from salmonn_cli.audio_input import open_audio
 from salmonn_cli.beams import MAX_BEAMS
@@ -31,7 +30,7 @@ from salmonn_cli.prompt import check_instruction
 from salmonn_cli.serve.body import read_json
 from salmonn_cli.serve.disconnect import watch_disconnect
 from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
-from salmonn_cli.serve.params import flag, number
+from salmonn_cli.serve.params import flag, number, request_decoding
 from salmonn_cli.serve.worker import ClientGone
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -133,9 +132,8 @@ def find_audio(messages: list, user: list[int], last_parts) -> tuple[str, dict]:
                       param="messages")
 
 
-def parse_chat(body: dict, *, max_tokens: int, default_beams: int, max_beams: int) -> ChatRequest:
-    """Check the request body; `max_tokens` caps what a request may ask for, `max_beams` is what
-    the model's context was sized for."""
+def parse_chat(body: dict, served: DecodingOptions) -> ChatRequest:
+    """Check the request body; `served` is the server's decoding (see `request_decoding`)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", param="messages")
@@ -159,21 +157,13 @@ def parse_chat(body: dict, *, max_tokens: int, default_beams: int, max_beams: in
         raise bad_request("n must be 1", param="n")
     if body.get("stop") not in (None, [], ""):
         raise bad_request("stop sequences are not supported", param="stop")
-    temperature = number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE)
-    top_p = number(body, "top_p", 1.0, 0.0, 1.0)
-    seed = number(body, "seed", None, 0, MAX_SEED, integer=True)
     limit = number(body, "max_completion_tokens", None, 1, float("inf"), integer=True)
     if limit is None:
         limit = number(body, "max_tokens", None, 1, float("inf"), integer=True)
-    limit = max_tokens if limit is None else min(limit, max_tokens)
-    beams = number(body, "beams", None, 1, MAX_BEAMS, integer=True)
-    if beams is None:
-        beams = 1 if temperature > 0 else default_beams      # sampling: the default beam search does not sample
-    if beams > max_beams:
-        raise bad_request(f"beams {beams} is more than this server was started for (salmonn serve --beams {max_beams})",
-                          param="beams")
-    if beams > 1 and temperature > 0:
-        raise bad_request("beam search does not sample: use temperature 0 with more than one beam", param="beams")
+    decoding = request_decoding(served, limit, temperature=number(body, "temperature", 0.0, 0.0, MAX_TEMPERATURE),
+                                top_p=number(body, "top_p", 1.0, 0.0, 1.0),
+                                seed=number(body, "seed", None, 0, MAX_SEED, integer=True),
+                                beams=number(body, "beams", None, 1, MAX_BEAMS, integer=True))
     lora_scale = number(body, "lora_scale", None, -1e6, 1e6)
     per_window, truncate = flag(body, "per_window"), flag(body, "truncate")
     if per_window and truncate:
@@ -181,9 +171,7 @@ def parse_chat(body: dict, *, max_tokens: int, default_beams: int, max_beams: in
     stream = flag(body, "stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return ChatRequest(prompt, audio, param,
-                       DecodingOptions(max_tokens=limit, temperature=temperature, top_p=top_p, seed=seed, beams=beams),
-                       lora_scale, per_window, truncate, stream, include_usage)
+    return ChatRequest(prompt, audio, param, decoding, lora_scale, per_window, truncate, stream, include_usage)
 
 
 # --- the answer (in the model's thread) ------------------------------------------------------------
@@ -196,37 +184,34 @@ def answer_chat(pipeline, job, request: ChatRequest, on_ready: Callable[[], None
     emit = on_text or (lambda text: None)
     if request.per_window:
         return per_window_answer(pipeline, job, request, audio_in, on_ready, emit)
-    audio = embed_file(pipeline, audio_in, truncate=request.truncate)
-    on_ready()
-    job.check()
-    answer = pipeline.answer(audio.embeds, request.prompt, request.decoding, on_text=emit, stop=job.stop)
-    return ChatResult(answer.text, answer.tokens, answer.stop_reason, answer.prompt_tokens, len(audio.embeds),
-                      {"tokens": answer.tokens, "stop_reason": answer.stop_reason,
-                       "audio_seconds": round(audio.seconds, 3), "used_seconds": round(audio.used_seconds, 3),
-                       "truncated": audio.truncated, "windows": len(audio.windows), "beams": request.decoding.beams})
+
+    def on_audio(audio) -> None:
+        on_ready()
+        job.check()
+
+    result = answer_file(pipeline, audio_in, request.prompt, truncate=request.truncate, decoding=request.decoding,
+                         on_audio=on_audio, on_text=emit, stop=job.stop)
+    answer = result.answer
+    return ChatResult(answer.text, answer.tokens, answer.stop_reason, answer.prompt_tokens, len(result.audio.embeds),
+                      result.to_dict())
 
 
 def per_window_answer(pipeline, job, request, audio_in, on_ready, emit) -> ChatResult:
     """One answer per window, each line led by its times, as `salmonn ask --per-window` prints them."""
-    lines, tokens, windows = [], [], []
-    prompt_tokens = audio_tokens = 0
-    stop_reason = "eos"
-    for window, embeds in each_window(pipeline, audio_in):
-        if not windows:
+
+    def on_window(window) -> None:
+        if not window.index:
             on_ready()
         job.check()
-        head = f"[{format_clock(window.start_s)}–{format_clock(window.end_s)}] "
-        emit(("\n" if windows else "") + head)
-        answer = pipeline.answer(embeds, request.prompt, request.decoding, on_text=emit, stop=job.stop)
-        lines.append(head + answer.text)
-        tokens += answer.tokens
-        prompt_tokens += answer.prompt_tokens
-        audio_tokens += len(embeds)
-        stop_reason = answer.stop_reason
-        windows.append({"start": round(window.start_s, 3), "end": round(window.end_s, 3), "text": answer.text,
-                        "tokens": answer.tokens, "stop_reason": answer.stop_reason})
-    return ChatResult("\n".join(lines), tokens, stop_reason, prompt_tokens, audio_tokens,
-                      {"windows": windows, "beams": request.decoding.beams})
+        emit(("\n" if window.index else "") + window_label(window))
+
+    result = answer_each_window(pipeline, audio_in, request.prompt, decoding=request.decoding,
+                                on_window=on_window, on_text=emit, stop=job.stop)
+    answers = [w.answer for w in result.windows]
+    return ChatResult("\n".join(window_label(w) + w.answer.text for w in result.windows),
+                      [t for a in answers for t in a.tokens], answers[-1].stop_reason if answers else "eos",
+                      sum(a.prompt_tokens for a in answers), sum(w.audio_tokens for w in result.windows),
+                      {**result.to_dict(), "beams": request.decoding.beams})
 
 
 # --- the response ----------------------------------------------------------------------------------
@@ -275,8 +260,7 @@ async def chat_completions(request, server) -> object:
     """The route's body: `server` is the app's `ServerState`."""
     with server.worker.admit() as job:
         body = await read_json(request, server.upload_limit)
-        chat = parse_chat(body, max_tokens=server.max_tokens, default_beams=server.default_beams,
-                          max_beams=server.max_beams)
+        chat = parse_chat(body, server.decoding)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

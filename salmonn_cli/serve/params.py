@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from salmonn_cli.decoding import DecodingOptions, verify_options
+from salmonn_cli.errors import SalmonnError
 from salmonn_cli.serve.errors import bad_request
 
 _MISSING = object()
@@ -19,6 +21,17 @@ def number(body: dict, name: str, default, low: float, high: float, *, integer: 
     if not math.isfinite(value) or not low <= value <= high:
         raise bad_request(f"{name} must be between {low:g} and {high:g}, not {value!r}", param=param or name)
     return int(value) if integer else float(value)
+
+
+def request_decoding(served: DecodingOptions, max_tokens: int | None, **fields) -> DecodingOptions:
+    """A request's decoding, checked as the command line's: beams not given are the server's own (1 when
+    sampling), no more than it was started for; `max_tokens` is capped at the server's."""
+    max_tokens = served.max_tokens if max_tokens is None else min(max_tokens, served.max_tokens)
+    try:
+        return verify_options(DecodingOptions(max_tokens=max_tokens, **fields), default_beams=served.beams,
+                              max_beams=served.beams)
+    except SalmonnError as e:
+        raise bad_request(str(e), param="beams") from None
 
 
 def flag(body: dict, name: str, default: bool = False) -> bool:

@@ -14,6 +14,7 @@ from typing import Callable
 import python_multipart  # noqa: F401  (starlette would otherwise fail only at the first upload)
 import uvicorn
 
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.serve.app import ServerState, create_app
 from salmonn_cli.serve.body import MIB
@@ -30,8 +31,7 @@ class ServeOptions:
     api_key: str | None = None
     max_upload_mb: float = 100.0
     queue: int = 16
-    max_tokens: int = 200
-    beams: int | None = None         # None: the model's own default decoding
+    decoding: DecodingOptions = DecodingOptions()    # beams None: the model's own
     lora_scale: float | None = None
 
 
@@ -109,7 +109,7 @@ def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[s
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     try:
-        pipeline = Pipeline(resolve_model_dir(model), runtime, max_tokens=options.max_tokens, beams=options.beams)
+        pipeline = Pipeline(resolve_model_dir(model), runtime, options.decoding)
     except BaseException:
         sock.close()
         raise
@@ -120,8 +120,7 @@ def serve(model: str | None, runtime, options: ServeOptions, notice: Callable[[s
         manifest = pipeline.manifest
         state = ServerState(
             worker=worker, model_id=manifest.model_dir.name, created=int(manifest.model_dir.stat().st_mtime),
-            upload_limit=int(options.max_upload_mb * MIB), max_tokens=options.max_tokens,
-            default_beams=pipeline.beams, max_beams=pipeline.beams, lora_scale=options.lora_scale,
+            upload_limit=int(options.max_upload_mb * MIB), decoding=pipeline.decoding, lora_scale=options.lora_scale,
             api_key=options.api_key, log=log_line)
     except BaseException:
         worker.close()
