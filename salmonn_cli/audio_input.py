@@ -13,6 +13,8 @@ A file cut short (its header promises more audio than it holds) is read as far a
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import queue
 import re
@@ -20,15 +22,21 @@ import stat
 import sys
 import tempfile
 import threading
+from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
 import soundfile
 
-from salmonn_cli.audio import (KEPT_CHANNEL, READ_ERRORS, check_path, native_stderr_silenced,
-                               read_error_reason)
-from salmonn_cli.errors import AudioError, quoted
+from salmonn_cli.errors import DEBUG_ENV, AudioError, quoted
 
+KEPT_CHANNEL = 0  # the official code keeps the first channel of a multi-channel file
+# soundfile reports undecodable input as LibsndfileError (a RuntimeError); mp3/ogg decoders can
+# also surface as other errors, so every one of these becomes an AudioError.
+READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError)
+# libsndfile's reason for an MP3 stream its decoder cannot parse, even when the path is a regular file.
+MISLEADING_MPEG_REASON = "does not exist or is not a regular file"
+DAMAGED_REASON = "damaged or cut-short audio data"
 STDIN = "-"
 STDIN_NAME = "<stdin>"
 # What a stream in a seeking format may fill in the temporary directory (FLAC/MP3: many hours).
@@ -54,6 +62,73 @@ SHORTFALL_MIN_FRACTION = 0.01
 DATA_SIZE_LINE = re.compile(r"^\s*(?:data|SSND|Data Size)\s*:\s*(?P<size>\d+)(?![\dxX])(?:\s*\(should be (?P<present>\d+)\))?",
                             re.MULTILINE)
 _END = object()
+
+
+def check_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"audio file not found: {quoted(p)}")
+    if p.is_dir():
+        raise AudioError(f"audio path is a directory, not a file: {quoted(p)}")
+    try:
+        # libsndfile reports a permission problem as a bare "System error"
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise AudioError(f"cannot read audio file {quoted(p)}: {e.strerror or e}") from None
+    return p
+
+
+def read_error_reason(error: Exception) -> str:
+    # LibsndfileError.error_string is libsndfile's own text, without the "Error opening '<path>'" prefix
+    text = getattr(error, "error_string", None) or str(error) or type(error).__name__
+    if MISLEADING_MPEG_REASON in text:   # callers have checked that the file exists
+        return DAMAGED_REASON
+    return text.splitlines()[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration: libsndfile's MP3 decoder (libmpg123)
+    prints its own warnings for damaged streams, beside the one-line error the reader raises.
+    With $SALMONN_DEBUG set they are kept."""
+    if os.environ.get(DEBUG_ENV):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no stderr to protect
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()      # what Python wrote meanwhile goes where the C output went
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class MemoryAudio(io.BytesIO):
+    """Audio bytes (standard input) as a seekable file for libsndfile. A seek before the start,
+    which damaged headers make libsndfile try, fails as fseek does (the position stays) instead of
+    raising inside libsndfile's callback, where Python can only print the traceback."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return super().seek(offset, whence)
+        except ValueError:
+            return self.tell()
 
 
 class AudioInput:
@@ -331,7 +406,7 @@ def open_stream(fd: int, name: str, close_source: bool, spool_limit: int = SPOOL
 
 def open_audio(source: str | os.PathLike | BinaryIO | AudioInput) -> AudioInput:
     """`source` opened once: "-" is standard input; a path is opened by what it names; a
-    readable file object (e.g. `audio.MemoryAudio`) is read as it is."""
+    readable file object (e.g. `MemoryAudio`) is read as it is."""
     if isinstance(source, AudioInput):
         return source
     if hasattr(source, "read"):

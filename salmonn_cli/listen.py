@@ -28,7 +28,6 @@ from salmonn_cli.errors import AudioError, SalmonnError, quoted
 from salmonn_cli.pipeline import Answer
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 from salmonn_cli.vad import EnergyVad, Utterance, VadOptions
-from salmonn_cli.windows import read_resampled_blocks
 
 BLOCK_SECONDS = 0.1
 # Capture as 16-bit integers, what microphones deliver. (Through ALSA's plug layer, a float32 request
@@ -58,10 +57,6 @@ class Heard:
     encode_s: float
     utterance: Utterance
 
-    @property
-    def text(self) -> str:
-        return self.answer.text
-
     def to_dict(self) -> dict:
         return {"start": round(self.start_s, 3), "end": round(self.end_s, 3), **self.answer.to_dict(),
                 "timings": self.answer.timings(self.encode_s)}
@@ -70,7 +65,7 @@ class Heard:
 # --- output ----------------------------------------------------------------------------------------
 
 def format_heard(heard: Heard) -> str:
-    return f"[{format_clock(heard.start_s)}–{format_clock(heard.end_s)}] {heard.text}"
+    return f"[{format_clock(heard.start_s)}–{format_clock(heard.end_s)}] {heard.answer.text}"
 
 
 def resolve_prompt(prompt: str | None, transcribe: bool) -> str:
@@ -155,10 +150,6 @@ class FileStream:
     def name(self) -> str:
         return self._input.name
 
-    @property
-    def active(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._play, name="salmonn-file-stream", daemon=True)
@@ -181,8 +172,8 @@ class FileStream:
         self.close()
 
     def _blocks(self):
-        # the same reader as files' windows: bounds, NaN check, libsndfile's stderr muted
-        for block in read_resampled_blocks(self._input, self.samplerate, self.blocksize / self.samplerate):
+        # the same reader as every input: bounds, NaN check, libsndfile's stderr muted
+        for block in audio.read_resampled_blocks(self._input, self.samplerate, self.blocksize / self.samplerate):
             yield block.astype(np.float32)
 
     def _play(self) -> None:

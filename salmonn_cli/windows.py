@@ -1,10 +1,7 @@
-"""Audio of any length as windows of at most 30 s, cut at quiet seams, read and resampled in blocks.
+"""Audio of any length as windows of at most 30 s, cut at quiet seams.
 
-The input (a file or a stream, opened by salmonn_cli/audio_input.py) is never decoded whole:
-blocks of `READ_BLOCK_SECONDS` are read (channel 0, as the official code keeps), resampled to
-16 kHz by one streaming soxr resampler (so block edges leave no seams: the output equals
-resampling the whole file at once), and appended to a buffer that never holds
-much more than one window. When the buffer is longer than a window, the window ends at the
+The input is never decoded whole: its 16 kHz blocks (`audio.read_resampled_blocks`) are appended
+to a buffer that never holds much more than one window. When the buffer is longer than a window, the window ends at the
 quietest point of its last `SEAM_SEARCH_SECONDS` (lowest short-time energy), so words are not cut.
 """
 from __future__ import annotations
@@ -14,15 +11,12 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import numpy as np
-import soxr
 
-from salmonn_cli.audio import RESAMPLE_QUALITY, SAMPLE_RATE, check_sample_rate, too_short_error
-from salmonn_cli.audio_input import AudioInput, open_audio
-from salmonn_cli.errors import AudioError, quoted
+from salmonn_cli.audio import READ_BLOCK_SECONDS, SAMPLE_RATE, read_resampled_blocks
+from salmonn_cli.audio_input import AudioInput
 
 WINDOW_SECONDS = 30.0          # the model hears at most 30 s at once
 SEAM_SEARCH_SECONDS = 5.0      # a window may end this much early to end in a pause
-READ_BLOCK_SECONDS = 5.0       # decoded per read, at the file's own rate
 ENERGY_FRAME_SECONDS = 0.025   # short-time energy: 25 ms frames ...
 ENERGY_HOP_SECONDS = 0.010     # ... every 10 ms ...
 ENERGY_SMOOTH_FRAMES = 10      # ... averaged over 100 ms, so one quiet frame inside a word loses to a pause
@@ -42,33 +36,6 @@ class AudioWindow:
     @property
     def seconds(self) -> float:
         return self.end_s - self.start_s
-
-
-def read_resampled_blocks(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: int = SAMPLE_RATE,
-                          block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
-    """Channel 0 of the input at `sample_rate`, as consecutive float64 blocks (the input is closed
-    at the end)."""
-    with open_audio(source) as audio_in:
-        name, file_rate = audio_in.name, audio_in.samplerate
-        check_sample_rate(file_rate, name)
-        stream = None if file_rate == sample_rate else soxr.ResampleStream(
-            file_rate, sample_rate, 1, dtype="float64", quality=RESAMPLE_QUALITY)
-        n_out = 0
-        for block in audio_in.blocks(max(1, int(block_seconds * file_rate))):
-            if not np.isfinite(block).all():
-                raise AudioError(f"audio file contains NaN or infinite samples: {quoted(name)}")
-            out = block if stream is None else stream.resample_chunk(np.ascontiguousarray(block))
-            n_out += len(out)
-            if len(out):
-                yield out
-        if audio_in.frames_read == 0:
-            raise AudioError(f"audio file has no samples: {quoted(name)}")
-        tail = np.zeros(0) if stream is None else stream.resample_chunk(np.zeros(0), last=True)
-        n_out += len(tail)
-        if n_out == 0:
-            raise too_short_error(name, sample_rate)
-        if len(tail):
-            yield tail
 
 
 def short_time_energy(wave: np.ndarray, sample_rate: int) -> np.ndarray:

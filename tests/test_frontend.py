@@ -148,13 +148,6 @@ def test_mp3_reads():
     assert np.isfinite(wave).all() and 0.05 < np.abs(wave).max() <= 1.0
 
 
-def test_read_frames_range():
-    whole, rate = audio.read_frames(SPEECH_WAV)
-    part, rate2 = audio.read_frames(SPEECH_WAV, start=1000, stop=2600)
-    assert rate == rate2 == 16000
-    np.testing.assert_array_equal(part, whole[1000:2600])
-
-
 # --- bad inputs ---------------------------------------------------------------------------------
 
 def _missing(tmp_path):

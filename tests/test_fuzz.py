@@ -26,10 +26,12 @@ import soundfile as sf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from salmonn_cli import config as config_module
-from salmonn_cli.audio import SAMPLE_RATE, MemoryAudio, load_audio
+from salmonn_cli.audio import SAMPLE_RATE, load_audio
+from salmonn_cli.audio_input import MemoryAudio
+from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import AudioError, ModelError, SalmonnError
 from salmonn_cli.manifest import MANIFEST_NAME, Manifest, check_config, load_manifest, manifest_dict
+from train.presets import tiny
 from salmonn_cli.windows import WINDOW_SECONDS, iter_windows
 
 FUZZ_EXAMPLES = int(os.environ.get("SALMONN_FUZZ_EXAMPLES", "300"))
@@ -166,7 +168,7 @@ def manifest_base(work) -> dict:
     model.mkdir()
     for name, content in MODEL_FILES.items():
         (model / name).write_bytes(content)
-    return manifest_dict(config_module.tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", model,
+    return manifest_dict(tiny(), "audio_encoder.onnx", "llm-f32.gguf", "f32", model,
                          extra={"lora_adapter": "lora-adapter.gguf"})
 
 
@@ -207,7 +209,7 @@ def edited_manifests(draw, base: dict) -> dict:
 
 
 def check_manifest(manifest: Manifest, verified: bool) -> None:
-    assert isinstance(manifest.config, config_module.SalmonnConfig)
+    assert isinstance(manifest.config, SalmonnConfig)
     check_config(manifest.config)
     assert manifest.config.n_audio_tokens >= 1 and math.isfinite(manifest.config.lora.scale)
     for name in (manifest.audio_encoder, manifest.llm):

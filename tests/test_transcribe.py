@@ -38,7 +38,7 @@ SPEECH_LEVEL = 0.01                                  # |sample| above this is sp
 # --- helpers --------------------------------------------------------------------------------------
 
 def narration() -> tuple[np.ndarray, int]:
-    return audio.read_frames(NARRATION)
+    return sf.read(NARRATION)
 
 
 def write(path, wave, rate):
@@ -296,7 +296,7 @@ def test_seams_fall_between_espeak_sentences(tmp_path):
     for i in range(18):
         out = tmp_path / f"s{i}.wav"
         subprocess.run(["espeak-ng", "-w", str(out), sentences[i % len(sentences)]], check=True)
-        clip, rate = audio.read_frames(out)
+        clip, rate = sf.read(out)
         loud = np.flatnonzero(np.abs(clip) > SPEECH_LEVEL)
         speech.append((t + loud[0] / rate, t + loud[-1] / rate))
         pause = np.zeros(int(0.4 * rate))
@@ -418,8 +418,7 @@ def test_transcribe_never_loads_the_whole_file(pipeline, tmp_path, monkeypatch):
     with sf.SoundFile(path, "w", rate, 1) as f:
         for _ in range(35):
             f.write(wave)
-    for whole_file_reader in ("load_audio", "read_frames"):
-        monkeypatch.setattr(audio, whole_file_reader, lambda *a, **k: pytest.fail("whole-file read"))
+    monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("whole-file read"))
     options = TranscribeOptions(decoding=DecodingOptions(max_tokens=1), skip_silence=False)
     transcript = transcribe_file(pipeline, path, options, progress=False)
     assert transcript.n_windows >= 20 and transcript.seconds == pytest.approx(35 * len(wave) / rate)

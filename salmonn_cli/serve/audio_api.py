@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse, Response
 
-from salmonn_cli.audio import MemoryAudio
+from salmonn_cli.audio_input import MemoryAudio
 from salmonn_cli.beams import MAX_BEAMS
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError

@@ -21,8 +21,7 @@ import anyio
 from starlette.responses import JSONResponse, StreamingResponse
 
 from salmonn_cli.ask import answer_each_window, answer_file, window_label
-from salmonn_cli.audio import MemoryAudio
-from salmonn_cli.audio_input import open_audio
+from salmonn_cli.audio_input import MemoryAudio, open_audio
 from salmonn_cli.beams import MAX_BEAMS
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError
