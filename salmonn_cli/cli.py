@@ -197,9 +197,17 @@ def ask(
     from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
+    from salmonn_cli.prompt import check_instruction
 
     files, prompt = split_prompt(inputs, prompt)
-    check_ask_options(files, prompt, model, truncate=truncate, per_window=per_window, as_json=as_json, jsonl=jsonl)
+    check_instruction(prompt)
+    check_model_option(model)
+    if files.count("-") > 1:
+        raise SalmonnError("standard input (-) can be read only once")
+    if truncate and per_window:
+        raise SalmonnError("--truncate and --per-window do not go together")
+    if as_json and jsonl:
+        raise SalmonnError("give either --json or --jsonl, not both")
     decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
     streaming = not (as_json or jsonl)
@@ -218,20 +226,6 @@ def ask(
         print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
     if failed:
         raise typer.Exit(SalmonnError.exit_code)
-
-
-def check_ask_options(files: list[str], prompt: str, model: Optional[str], *, truncate: bool, per_window: bool,
-                      as_json: bool, jsonl: bool) -> None:
-    from salmonn_cli.prompt import check_instruction
-
-    check_instruction(prompt)
-    check_model_option(model)
-    if files.count("-") > 1:
-        raise SalmonnError("standard input (-) can be read only once")
-    if truncate and per_window:
-        raise SalmonnError("--truncate and --per-window do not go together")
-    if as_json and jsonl:
-        raise SalmonnError("give either --json or --jsonl, not both")
 
 
 def ask_file(pipeline, name: str, shown: str, prompt: str, *, truncate: bool, streaming: bool) -> dict:

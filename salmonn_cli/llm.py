@@ -114,9 +114,9 @@ class LlamaModel:
             self.close()
             raise ModelError(f"llama.cpp could not create a {n_ctx}-token context for {quoted(path)} "
                              "(out of memory?)")
-        self._n_ctx = min(n_ctx, llama_cpp.llama_n_ctx(self._ctx))
-        self._n_embd = llama_cpp.llama_model_n_embd(self._model)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx = min(n_ctx, llama_cpp.llama_n_ctx(self._ctx))
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_past = 0
 
     # --- lifetime ---------------------------------------------------------------------------------
@@ -179,21 +179,9 @@ class LlamaModel:
 
     # --- facts ------------------------------------------------------------------------------------
     @property
-    def n_embd(self) -> int:
-        return self._n_embd
-
-    @property
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    @property
     def n_layer(self) -> int:
         """Repeating layers (llama.cpp offloads these and the output layer)."""
         return llama_cpp.llama_model_n_layer(self._model)
-
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
 
     @property
     def n_past(self) -> int:
@@ -242,11 +230,11 @@ class LlamaModel:
         start_pos defaults to `n_past`; a smaller value first drops the cached positions >= it.
         """
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        if embeds.ndim != 2 or embeds.shape[1] != self._n_embd or embeds.shape[0] == 0:
-            raise ValueError(f"embeddings must have shape (n > 0, {self._n_embd}), not {embeds.shape}")
+        if embeds.ndim != 2 or embeds.shape[1] != self.n_embd or embeds.shape[0] == 0:
+            raise ValueError(f"embeddings must have shape (n > 0, {self.n_embd}), not {embeds.shape}")
         n = embeds.shape[0]
         start = self._prepare(start_pos, n)
-        batch = llama_cpp.llama_batch_init(n, self._n_embd, 1)
+        batch = llama_cpp.llama_batch_init(n, self.n_embd, 1)
         try:
             ctypes.memmove(batch.embd, embeds.ctypes.data, embeds.nbytes)
             return self._run(batch, n, start)
@@ -314,15 +302,15 @@ class LlamaModel:
                 batch.logits[i] = True
             self._decode(batch)
             rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i),
-                                          shape=(self._n_vocab,)) for i in range(n)]
+                                          shape=(self.n_vocab,)) for i in range(n)]
             return np.stack(rows).astype(np.float32, copy=True)
         finally:
             llama_cpp.llama_batch_free(batch)
 
     # --- internals --------------------------------------------------------------------------------
     def _check_token(self, token_id: int) -> None:
-        if not 0 <= token_id < self._n_vocab:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self._n_vocab - 1})")
+        if not 0 <= token_id < self.n_vocab:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.n_vocab - 1})")
 
     def _check_seq(self, seq_id: int) -> None:
         if not 0 <= seq_id < self.n_seq_max:
@@ -331,7 +319,7 @@ class LlamaModel:
     def _decode(self, batch) -> None:
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc == 1:
-            raise ContextOverflowError(f"no room left in the {self._n_ctx}-token LLM context")
+            raise ContextOverflowError(f"no room left in the {self.n_ctx}-token LLM context")
         if rc != 0:
             raise ModelError(f"llama.cpp failed to decode (code {rc})")
 
@@ -339,8 +327,8 @@ class LlamaModel:
         start = self._n_past if start_pos is None else int(start_pos)
         if not 0 <= start <= self._n_past:
             raise ValueError(f"start_pos {start} leaves a gap: only {self._n_past} positions are cached")
-        if start + n > self._n_ctx:
-            raise ContextOverflowError(f"the LLM context holds {self._n_ctx} tokens, "
+        if start + n > self.n_ctx:
+            raise ContextOverflowError(f"the LLM context holds {self.n_ctx} tokens, "
                                        f"but {start + n} are needed")
         if start < self._n_past:
             llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), SEQ_ID, start, -1)
@@ -357,7 +345,7 @@ class LlamaModel:
         self._decode(batch)
         self._n_past = start + n
         logits = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).copy()
+        return np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
 
 
 class BeamSequences:

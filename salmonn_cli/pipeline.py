@@ -179,10 +179,6 @@ class Pipeline:
         return embeds, time.perf_counter() - t0
 
     # --- text ------------------------------------------------------------------------------
-    def verified(self, decoding: DecodingOptions) -> DecodingOptions:
-        """`decoding` checked, with beams None filled in from `self.decoding`, whose beams it may not pass."""
-        return verify_options(decoding, default_beams=self.decoding.beams, max_beams=self.decoding.beams)
-
     def answer(self, embeds: np.ndarray, instruction: str, decoding: DecodingOptions | None = None,
                on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None) -> Answer:
         """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden),
@@ -190,7 +186,10 @@ class Pipeline:
         checked after each token of each sequence (`decoding.RepetitionGuard`, a cancel check). More
         than one beam runs beam search (transformers 4.28 semantics, as the official model); its text
         comes through `on_text` when the search ends."""
-        decoding = self.decoding if decoding is None else self.verified(decoding)
+        if decoding is None:
+            decoding = self.decoding
+        else:       # beams None: self.decoding's, whose beams it may not pass
+            decoding = verify_options(decoding, default_beams=self.decoding.beams, max_beams=self.decoding.beams)
         llm = self.llm
         prompt = build_prompt(self.config, instruction, llm.tokenize)
         n_prompt = 1 + len(prompt.ids_before) + len(embeds) + len(prompt.ids_after)

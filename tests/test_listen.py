@@ -243,7 +243,7 @@ def test_replay_answers_each_utterance_with_its_time(replayed, speech_recording)
     assert len(lines) == len(heard)
     for h, line in zip(heard, lines):
         assert line.startswith(f"[{format_clock(h.start_s)}–{format_clock(h.end_s)}] ")
-        assert h.answer.tokens and h.text
+        assert h.answer.tokens and h.answer.text
 
 
 def test_replay_answers_equal_asking_about_the_same_audio(replayed, pipeline, speech_recording):

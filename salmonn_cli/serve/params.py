@@ -53,11 +53,3 @@ def form_number(fields: dict[str, str], name: str, default, low: float, high: fl
         raise bad_request(f"{name} must be a number, not {fields[name]!r}", param=name) from None
     return number({name: value}, name, default, low, high, integer=integer)
 
-
-def form_flag(fields: dict[str, str], name: str) -> bool:
-    value = fields.get(name, "").strip().lower()
-    if value in ("", "false", "0"):
-        return False
-    if value in ("true", "1"):
-        return True
-    raise bad_request(f"{name} must be true or false, not {fields[name]!r}", param=name)
