@@ -130,7 +130,6 @@ class FileStream:
                  finished_callback: Callable[[], None] | None = None, speed: float = 1.0):
         if speed < 0:
             raise SalmonnError("the replay speed cannot be negative")
-        self.path = str(path)
         self.samplerate = samplerate
         self.blocksize = blocksize
         self.callback = callback
@@ -145,10 +144,7 @@ class FileStream:
         except AudioError:
             self._input.close()
             raise
-
-    @property
-    def name(self) -> str:
-        return self._input.name
+        self.name = self._input.name
 
     def start(self) -> None:
         if self._thread is None:
@@ -171,16 +167,13 @@ class FileStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _blocks(self):
-        # the same reader as every input: bounds, NaN check, libsndfile's stderr muted
-        for block in audio.read_resampled_blocks(self._input, self.samplerate, self.blocksize / self.samplerate):
-            yield block.astype(np.float32)
-
     def _play(self) -> None:
         started = time.monotonic()
         played = 0
         try:
-            for block in self._blocks():
+            # the same reader as every input: bounds, NaN check, libsndfile's stderr muted
+            for block in audio.read_resampled_blocks(self._input, self.samplerate, self.blocksize / self.samplerate):
+                block = block.astype(np.float32)
                 if self.speed > 0:
                     due = started + (played + len(block)) / self.samplerate / self.speed
                     if self._stop.wait(max(0.0, due - time.monotonic())):
