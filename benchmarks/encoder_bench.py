@@ -43,8 +43,8 @@ def run(official: OfficialPaths, model_dir: Path, clip: Path, threads: int, repe
         encoder = OrtEncoder(manifest.path(manifest.audio_encoder), n_threads=threads, device=device)
         ort_encoders[encoder.provider] = (encoder, time.perf_counter() - load_start)
 
-    wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
-                                  config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(audio.load_audio(clip, config.sample_rate), config.sample_rate,
+                                 config.min_seconds, config.max_seconds)
     features_s, (mel, fbank) = _timed(lambda: (
         features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels,
                                      n_samples=int(config.max_seconds * config.sample_rate)),

@@ -256,8 +256,8 @@ def encoder(work: Path, official_dir: Path, clip: Path, device: str, repeats: in
         official = artefacts.OfficialPaths(official_dir / "salmonn.pth", official_dir / "whisper",
                                            official_dir / "beats.pt", official_dir / "vicuna")
         config = encoder_config()
-    wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
-                                  config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(audio.load_audio(clip, config.sample_rate), config.sample_rate,
+                                 config.min_seconds, config.max_seconds)
     mel, fbank = encoder_inputs(wave, config)
     engines, outputs, rows, errors = {}, {}, {}, {}
 
@@ -450,8 +450,8 @@ def torch_fp16_main(official_dir: Path, clip: Path, steps: int) -> dict:
         clock = Clock()
         with torch.no_grad():
             start = time.perf_counter()
-            wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
-                                          config.min_seconds, config.max_seconds)
+            wave, _ = audio.fit_to_chunk(audio.load_audio(clip, config.sample_rate), config.sample_rate,
+                                         config.min_seconds, config.max_seconds)
             mel, fbank = encoder_inputs(wave, config)
             audio_embeds = enc(torch.from_numpy(mel[None]).to("cuda", torch.float16),
                                torch.from_numpy(fbank[None]).to("cuda", torch.float16))

@@ -59,8 +59,8 @@ def run(args) -> dict:
 
     with torch.no_grad():
         start = time.perf_counter()
-        wave, _ = audio.fit_to_window(audio.load_audio(args.clip, config.sample_rate), config.sample_rate,
-                                      config.min_seconds, config.max_seconds)
+        wave, _ = audio.fit_to_chunk(audio.load_audio(args.clip, config.sample_rate), config.sample_rate,
+                                     config.min_seconds, config.max_seconds)
         mel = extractor(wave, sampling_rate=config.sample_rate, return_tensors="np")["input_features"]
         fbank = features.beats_fbank(wave)[None].astype(np.float32)
         featured = time.perf_counter()

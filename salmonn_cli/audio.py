@@ -74,8 +74,8 @@ def load_audio(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: i
     return np.concatenate(list(read_resampled_blocks(source, sample_rate)))
 
 
-def fit_to_window(wave: np.ndarray, sample_rate: int, min_seconds: float,
-                  max_seconds: float) -> tuple[np.ndarray, bool]:
+def fit_to_chunk(wave: np.ndarray, sample_rate: int, min_seconds: float,
+                 max_seconds: float) -> tuple[np.ndarray, bool]:
     """Right-pad with zeros to `min_seconds`, cut to `max_seconds`; returns (wave, was_truncated)."""
     min_len = int(round(min_seconds * sample_rate))
     max_len = int(round(max_seconds * sample_rate))

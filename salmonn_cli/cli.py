@@ -183,7 +183,8 @@ def ask(
                                         "SALMONN decoding uses 4); 1 = greedy; the answer is printed when the search ends "
                                         "[default: the model's own, from its manifest; 1 with --temperature > 0]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
-    per_window: bool = typer.Option(False, "--per-window", help="Answer for each ≤30 s window of the file separately."),
+    per_chunk: bool = typer.Option(False, "--per-chunk", help="Answer for each ≤30 s chunk of the file separately."),
+    per_window: bool = typer.Option(False, "--per-window", hidden=True),     # the old name of --per-chunk
     threads: Optional[int] = threads_option(),
     device: str = device_option(),
     n_gpu_layers: Optional[int] = gpu_layers_option(),
@@ -200,12 +201,13 @@ def ask(
     from salmonn_cli.prompt import check_instruction
 
     files, prompt = split_prompt(inputs, prompt)
+    per_chunk = per_chunk or per_window
     check_instruction(prompt)
     check_model_option(model)
     if files.count("-") > 1:
         raise SalmonnError("standard input (-) can be read only once")
-    if truncate and per_window:
-        raise SalmonnError("--truncate and --per-window do not go together")
+    if truncate and per_chunk:
+        raise SalmonnError("--truncate and --per-chunk do not go together")
     if as_json and jsonl:
         raise SalmonnError("give either --json or --jsonl, not both")
     decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
@@ -215,8 +217,8 @@ def ask(
     def work(name: str, shown: str) -> dict:
         if streaming and len(files) > 1:
             print_header(shown)
-        if per_window:
-            return ask_each_window(pipeline, name, prompt, streaming)
+        if per_chunk:
+            return ask_each_chunk(pipeline, name, prompt, streaming)
         return ask_file(pipeline, name, shown, prompt, truncate=truncate, streaming=streaming)
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
@@ -241,8 +243,8 @@ def ask_file(pipeline, name: str, shown: str, prompt: str, *, truncate: bool, st
             hint = "" if truncate else "; raise --context for more"
             warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
                  f"are used{hint}")
-        if len(audio.windows) > 1:
-            notice(f"{quoted(shown)}: {len(audio.windows)} windows of audio go to the model back to back, "
+        if len(audio.chunks) > 1:
+            notice(f"{quoted(shown)}: {len(audio.chunks)} chunks of audio go to the model back to back, "
                    f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
 
     result = answer_file(pipeline, audio_in, prompt, truncate=truncate, on_audio=on_audio,
@@ -252,20 +254,20 @@ def ask_file(pipeline, name: str, shown: str, prompt: str, *, truncate: bool, st
     return result.to_dict()
 
 
-def ask_each_window(pipeline, name: str, prompt: str, streaming: bool) -> dict:
-    """One answer per window, each streamed after its times."""
-    from salmonn_cli.ask import answer_each_window, window_label
+def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool) -> dict:
+    """One answer per chunk, each streamed after its times."""
+    from salmonn_cli.ask import answer_each_chunk, chunk_label
     from salmonn_cli.audio_input import open_audio
 
     audio_in = open_audio(name)
 
-    def on_window(window) -> None:
+    def on_chunk(chunk) -> None:
         if streaming:
-            write_out(("\n" if window.index else "") + window_label(window))
+            write_out(("\n" if chunk.index else "") + chunk_label(chunk))
 
-    result = answer_each_window(pipeline, audio_in, prompt, on_window=on_window,
-                                on_text=write_out if streaming else None)
-    if streaming and result.windows:
+    result = answer_each_chunk(pipeline, audio_in, prompt, on_chunk=on_chunk,
+                               on_text=write_out if streaming else None)
+    if streaming and result.chunks:
         write_out("\n")
     warn_if_cut_short(audio_in)
     return result.to_dict()
@@ -284,13 +286,13 @@ def transcribe(
                                          "or a directory (existing, or ending in /) that gets NAME.FORMAT per input. "
                                          "Never an input or a non-regular file; an existing .txt/.srt/.vtt/.json is replaced."),
     model: Optional[str] = model_option(),
-    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per window."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per chunk."),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
                                         "decoding uses 4; 1 = greedy) "
                                         "[default: the model's own, from its manifest]."),
     repetition_guard: bool = typer.Option(True, "--repetition-guard/--no-repetition-guard",
-                                          help="Stop a window whose output starts repeating itself."),
-    keep_silence: bool = typer.Option(False, "--keep-silence", help="Also decode windows that are silent."),
+                                          help="Stop a chunk whose output starts repeating itself."),
+    keep_silence: bool = typer.Option(False, "--keep-silence", help="Also decode chunks that are silent."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar on stderr "
                                             "[default: on a terminal, for audio over 30 s]."),
     threads: Optional[int] = threads_option(),
@@ -300,7 +302,7 @@ def transcribe(
     lora_scale: Optional[float] = lora_scale_option(),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file (text, segments), as each finishes."),
 ) -> None:
-    """Transcribe or translate speech of any length, window by window (times are window-level)."""
+    """Transcribe or translate speech of any length, chunk by chunk (times are chunk-level)."""
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
     from salmonn_cli.default_model import resolve_model_dir
@@ -416,7 +418,7 @@ def serve(
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait while one is answered "
                               "(503 with Retry-After beyond)."),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens an answer (or a transcription "
-                                   "window) may have; also the default when a request gives none."),
+                                   "chunk) may have; also the default when a request gives none."),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search for requests "
                                         "that ask for none, and the most beams a request may ask for "
                                         "[default: the model's own, from its manifest]."),

@@ -102,7 +102,7 @@ class RepetitionGuard:
     """Notices output that has started looping: the last tokens are one n-gram (n <= `max_period`)
     repeated back to back. A short n-gram must repeat `min_repeats` times and cover `min_span`
     tokens (one token 12 times, a 4-token phrase 3 times); an n-gram of `long_period` tokens or
-    more loops after 2 copies (a whole sentence said twice, verbatim, in one window).
+    more loops after 2 copies (a whole sentence said twice, verbatim, in one chunk).
 
     A stop check for either decoder (a looping beam ends there); `trim` then keeps the first copy.
     """

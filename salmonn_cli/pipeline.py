@@ -42,7 +42,7 @@ class RuntimeOptions:
     n_gpu_layers: int | None = None
     # LoRA scale of the LLM; None keeps the scale merged at export (alpha / r, officially 4.0).
     lora_scale: float | None = None
-    # LLM context in tokens; None = DEFAULT_CONTEXT (or what one window needs), capped at the
+    # LLM context in tokens; None = DEFAULT_CONTEXT (or what one chunk needs), capped at the
     # model's trained length. Audio past 30 s fills what the prompt and answer leave free.
     context: int | None = None
 
@@ -88,7 +88,7 @@ def context_size(config, requested: int | None, needed: int) -> int:
 
 
 def encoder_inputs(wave: np.ndarray, config: SalmonnConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A clip already fitted to the window (`audio.fit_to_window`) -> what the audio encoder reads: the
+    """A clip already fitted to a chunk (`audio.fit_to_chunk`) -> what the audio encoder reads: the
     Whisper log-mel (over `max_seconds`, cut to the clip's windows' columns) and the BEATs fbank."""
     mel = features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels,
                                        n_samples=int(config.max_seconds * config.sample_rate))
@@ -170,7 +170,7 @@ class Pipeline:
         and returns `audio_tokens(len(wave))` embeddings (salmonn_cli/trim.py)."""
         cfg = self.config
         t0 = time.perf_counter()
-        wave, _ = audio.fit_to_window(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
+        wave, _ = audio.fit_to_chunk(wave, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds)
         mel, fbank = encoder_inputs(wave, cfg)
         embeds = self.encoder(mel, fbank)
         expected = (audio_token_count(cfg, len(fbank)), cfg.llm.hidden_size)

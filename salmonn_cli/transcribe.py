@@ -1,8 +1,8 @@
-"""Transcription and translation of audio of any length: the file is cut into windows of at most
-30 s at quiet seams (`salmonn_cli.windows`), each window is answered with the official SALMONN task
-prompt, and each answer becomes a segment with its window's start and end time.
+"""Transcription and translation of audio of any length: the file is cut into chunks of at most
+30 s at quiet seams (`salmonn_cli.chunks`), each chunk is answered with the official SALMONN task
+prompt, and each answer becomes a segment with its chunk's start and end time.
 
-Times are window-level (where the window was cut), not word-level.
+Times are chunk-level (where the chunk was cut), not word-level.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from salmonn_cli.audio_input import AudioInput, open_audio
+from salmonn_cli.chunks import CHUNK_SECONDS, SEAM_SEARCH_SECONDS, AudioChunk, iter_chunks
 from salmonn_cli.decoding import STOP_REPETITION, DecodingOptions, RepetitionGuard, TextStream
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT, TRANSLATE_PROMPT
-from salmonn_cli.windows import SEAM_SEARCH_SECONDS, WINDOW_SECONDS, AudioWindow, iter_windows
 
 # The official SALMONN task prompts (train/test_prompt.json: asr, translation_en2de/en2ja).
 TASK_TRANSCRIBE = "transcribe"
@@ -27,7 +27,7 @@ TASK_TRANSLATE = "translate"
 # ... and the training task (official annotation name, `Manifest.tasks`) each one needs the model to know
 TRAINING_TASK = {TASK_TRANSCRIBE: "asr", TASK_TRANSLATE: "translation"}
 
-# A window whose loudest sample is below this is silence: it is not sent to the model, which
+# A chunk whose loudest sample is below this is silence: it is not sent to the model, which
 # would otherwise invent text for it.
 SILENCE_PEAK_DBFS = -60.0
 
@@ -86,12 +86,12 @@ def task_prompt(translate: str | None = None) -> str:
 
 @dataclass
 class Segment:
-    start: float                 # seconds from the file's start (window-level)
+    start: float                 # seconds from the file's start (chunk-level)
     end: float
     text: str
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""        # as `Answer.stop_reason`; "repetition" when the guard cut a loop
-    window: int = 0              # index of the window it came from
+    chunk: int = 0               # index of the chunk it came from
 
     def to_dict(self) -> dict:
         return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
@@ -105,8 +105,8 @@ class Transcript:
     prompt: str
     seconds: float               # audio length
     segments: list[Segment]
-    n_windows: int
-    skipped_silent: int          # windows not decoded because they were silent
+    n_chunks: int
+    skipped_silent: int          # chunks not decoded because they were silent
     elapsed_s: float
 
     @property
@@ -116,7 +116,7 @@ class Transcript:
     def metadata(self) -> dict:
         return {"audio": self.audio, "task": self.task, "language": self.language,
                 "prompt": self.prompt, "audio_seconds": round(self.seconds, 3),
-                "windows": self.n_windows, "skipped_silent_windows": self.skipped_silent,
+                "chunks": self.n_chunks, "skipped_silent_chunks": self.skipped_silent,
                 "elapsed_s": round(self.elapsed_s, 3)}
 
     def to_dict(self) -> dict:
@@ -127,7 +127,7 @@ class Transcript:
 class TranscribeOptions:
     translate: str | None = None            # target language (code or name); None transcribes
     decoding: DecodingOptions | None = None  # None: the pipeline's own
-    window_seconds: float = WINDOW_SECONDS
+    chunk_seconds: float = CHUNK_SECONDS
     seam_search_seconds: float = SEAM_SEARCH_SECONDS
     repetition_guard: RepetitionGuard | None = field(default_factory=RepetitionGuard)
     skip_silence: bool = True
@@ -135,9 +135,9 @@ class TranscribeOptions:
 
 # --- progress ------------------------------------------------------------------------------------
 
-def progress_wanted(total_seconds: float | None, window_seconds: float, force: bool | None) -> bool:
-    """A bar only for files of more than one window, on a terminal stderr unless forced."""
-    if force is False or total_seconds is None or total_seconds <= window_seconds:
+def progress_wanted(total_seconds: float | None, chunk_seconds: float, force: bool | None) -> bool:
+    """A bar only for files of more than one chunk, on a terminal stderr unless forced."""
+    if force is False or total_seconds is None or total_seconds <= chunk_seconds:
         return False
     return bool(force) or _isatty(sys.stderr)
 
@@ -146,8 +146,8 @@ def _isatty(stream) -> bool:
     return bool(getattr(stream, "isatty", None)) and stream.isatty()
 
 
-class WindowProgress:
-    """A rich progress bar on stderr over the seconds of audio done, counting windows.
+class ChunkProgress:
+    """A rich progress bar on stderr over the seconds of audio done, counting chunks.
 
     Text printed to a terminal stdout meanwhile is shown above the bar; stdout that goes to a
     file or pipe is left alone (rich would otherwise send it to stderr).
@@ -159,20 +159,20 @@ class WindowProgress:
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
-                                  TextColumn("window {task.fields[window]}"), TimeRemainingColumn(),
+                                  TextColumn("chunk {task.fields[chunk]}"), TimeRemainingColumn(),
                                   console=Console(stderr=True, force_terminal=forced or None),
                                   transient=True, redirect_stdout=_isatty(sys.stdout))
-        self._task = self._progress.add_task(label, total=total_seconds, window=0)
+        self._task = self._progress.add_task(label, total=total_seconds, chunk=0)
 
-    def __enter__(self) -> "WindowProgress":
+    def __enter__(self) -> "ChunkProgress":
         self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._progress.stop()
 
-    def window_done(self, window: AudioWindow) -> None:
-        self._progress.update(self._task, completed=window.end_s, window=window.index + 1)
+    def chunk_done(self, chunk: AudioChunk) -> None:
+        self._progress.update(self._task, completed=chunk.end_s, chunk=chunk.index + 1)
 
 
 # --- the flow ------------------------------------------------------------------------------------
@@ -195,16 +195,16 @@ def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
     return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()
 
 
-def transcribe_window(pipeline, window: AudioWindow, prompt: str, options: TranscribeOptions) -> Segment | None:
-    """The window's segment (None: no text); a loop the repetition guard stopped is cut to its first copy."""
+def transcribe_chunk(pipeline, chunk: AudioChunk, prompt: str, options: TranscribeOptions) -> Segment | None:
+    """The chunk's segment (None: no text); a loop the repetition guard stopped is cut to its first copy."""
     guard = options.repetition_guard
-    embeds, _ = pipeline.embed_wave(window.wave)
+    embeds, _ = pipeline.embed_wave(chunk.wave)
     answer = pipeline.answer(embeds, prompt, options.decoding, stop=guard)
     tokens, text = answer.tokens, answer.text
     if guard is not None and answer.stop_reason == STOP_REPETITION:
         tokens = guard.trim(tokens)
         text = render_tokens(tokens, pipeline.llm.token_to_bytes)
-    return Segment(window.start_s, window.end_s, text, tokens, answer.stop_reason, window.index) if text else None
+    return Segment(chunk.start_s, chunk.end_s, text, tokens, answer.stop_reason, chunk.index) if text else None
 
 
 def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
@@ -213,38 +213,38 @@ def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,
                     progress: bool | None = None) -> Transcript:
     """Transcribe (or translate) a file of any length with a loaded `Pipeline`.
 
-    The file is read in blocks; windows are at most `options.window_seconds` (<= the model's
-    `max_seconds`). `on_segment` gets each segment as soon as its window is decoded. `progress`:
-    None shows a bar on a terminal for files longer than one window, True forces it, False never.
+    The file is read in blocks; chunks are at most `options.chunk_seconds` (<= the model's
+    `max_seconds`). `on_segment` gets each segment as soon as its chunk is decoded. `progress`:
+    None shows a bar on a terminal for files longer than one chunk, True forces it, False never.
     """
     options = options or TranscribeOptions()
     max_seconds = pipeline.config.max_seconds
-    if not 0 < options.window_seconds <= max_seconds:
-        raise SalmonnError(f"the window length must be in (0, {max_seconds:g}] seconds")
+    if not 0 < options.chunk_seconds <= max_seconds:
+        raise SalmonnError(f"the chunk length must be in (0, {max_seconds:g}] seconds")
     prompt = task_prompt(options.translate)      # fails early on an unknown language
     check_trained_for(pipeline.manifest, options.translate)
     t0 = time.perf_counter()
     audio_in = open_audio(source)
     name, total = audio_in.name, audio_in.seconds
-    windows = iter_windows(audio_in, pipeline.config.sample_rate, options.window_seconds,
-                           min(options.seam_search_seconds, options.window_seconds / 2))
-    bar = (WindowProgress(os.path.basename(name), total, forced=bool(progress))
-           if progress_wanted(total, options.window_seconds, progress) else None)
+    chunks = iter_chunks(audio_in, pipeline.config.sample_rate, options.chunk_seconds,
+                         min(options.seam_search_seconds, options.chunk_seconds / 2))
+    bar = (ChunkProgress(os.path.basename(name), total, forced=bool(progress))
+           if progress_wanted(total, options.chunk_seconds, progress) else None)
     segments: list[Segment] = []
-    seconds, n_windows, skipped = 0.0, 0, 0
+    seconds, n_chunks, skipped = 0.0, 0, 0
     with bar or contextlib.nullcontext():
-        for window in windows:
-            n_windows += 1
-            seconds = window.end_s
-            silent = options.skip_silence and is_silent(window.wave)
+        for chunk in chunks:
+            n_chunks += 1
+            seconds = chunk.end_s
+            silent = options.skip_silence and is_silent(chunk.wave)
             skipped += silent
-            segment = None if silent else transcribe_window(pipeline, window, prompt, options)
+            segment = None if silent else transcribe_chunk(pipeline, chunk, prompt, options)
             if bar is not None:
-                bar.window_done(window)
+                bar.chunk_done(chunk)
             if segment is not None:
                 segments.append(segment)
                 if on_segment is not None:
                     on_segment(segment)
     language = language_name(options.translate) if options.translate else None
     return Transcript(name, TASK_TRANSLATE if language else TASK_TRANSCRIBE, language, prompt,
-                      seconds, segments, n_windows, skipped, time.perf_counter() - t0)
+                      seconds, segments, n_chunks, skipped, time.perf_counter() - t0)

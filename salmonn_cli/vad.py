@@ -30,7 +30,7 @@ class VadOptions:
     floor_window_s: float = 5.0       # the noise floor is the quietest frame of this much recent audio
     hangover_s: float = 0.6           # unvoiced time that ends an utterance
     min_speech_s: float = 0.25        # shorter voiced spans (clicks, knocks) are dropped
-    max_utterance_s: float = 30.0     # longest utterance handed on (the model's window), pre-roll included
+    max_utterance_s: float = 30.0     # longest utterance handed on (the model's chunk), pre-roll included
     pre_roll_s: float = 0.3           # audio kept before the first voiced frame
     post_roll_s: float = 0.2          # audio kept after the last voiced frame
 

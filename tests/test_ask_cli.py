@@ -1,4 +1,4 @@
-"""Issue 4 through the real command line: audio past 30 s in `ask`, --per-window, many files, stdin,
+"""Issue 4 through the real command line: audio past 30 s in `ask`, --per-chunk, many files, stdin,
 --beams, --lora-scale, and `salmonn transcribe` (formats, -o, --translate, many files)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PROMPT = "Describe the audio."
 LONG = OFFICIAL_TINY / "long_40s.wav"
 SPEECH = OFFICIAL_TINY / "speech_2p5s.wav"
 SHORT = OFFICIAL_TINY / "short_0p4s.wav"
-TINY_AUDIO_TOKENS = 88        # per window, official geometry
+TINY_AUDIO_TOKENS = 88        # per chunk, official geometry
 PROMPT_TEXT_TOKENS = 1 + 7 + 14   # BOS + "USER: <Speech>" + "</Speech> Describe the audio.\nASSISTANT:"
 
 
@@ -26,38 +26,40 @@ def run_ok(*args, **kw):
     return r
 
 
-def test_long_audio_windows_go_back_to_back(model_f32):
+def test_long_audio_chunks_go_back_to_back(model_f32):
     r = run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "4", "--json")
     out = json.loads(r.stdout)
-    assert out["windows"] == 2 and not out["truncated"]
+    assert out["chunks"] == 2 and not out["truncated"]
     assert out["prompt_tokens"] == PROMPT_TEXT_TOKENS + 2 * TINY_AUDIO_TOKENS
     assert out["used_seconds"] == out["audio_seconds"] == 40.0
     assert "past the 30 s the official model was trained on" in r.stderr
     official = json.loads(run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "4", "--json",
                                  "--truncate").stdout)
-    assert official["windows"] == 1 and official["truncated"] and official["used_seconds"] == 30.0
+    assert official["chunks"] == 1 and official["truncated"] and official["used_seconds"] == 30.0
     assert official["tokens"] != out["tokens"]
 
 
-def test_context_budget_limits_the_windows(model_f32):
-    # 300 tokens of context: room for one 88-token window beside the prompt text budget and answer
+def test_context_budget_limits_the_chunks(model_f32):
+    # 300 tokens of context: room for one 88-token chunk beside the prompt text budget and answer
     r = run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "4", "--json", "--context", "400")
     out = json.loads(r.stdout)
-    assert out["windows"] == 1 and out["truncated"]
+    assert out["chunks"] == 1 and out["truncated"]
     assert "raise --context" in r.stderr
     r = salmonn("ask", LONG, PROMPT, "-m", model_f32, "--context", "100000")
     assert r.returncode != 0 and "trained on" in r.stderr
 
 
-def test_per_window_answers_each_window(model_f32):
+def test_per_chunk_answers_each_chunk(model_f32):
     out = json.loads(run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "3", "--json",
-                            "--per-window").stdout)
-    windows = out["windows"]
-    assert len(windows) == 2
-    assert windows[0]["start"] == 0.0 and windows[0]["end"] == windows[1]["start"]
-    assert 25.0 <= windows[0]["end"] <= 30.0 and windows[1]["end"] == 40.0
-    text = run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "3", "--per-window").stdout
+                            "--per-chunk").stdout)
+    chunks = out["chunks"]
+    assert len(chunks) == 2
+    assert chunks[0]["start"] == 0.0 and chunks[0]["end"] == chunks[1]["start"]
+    assert 25.0 <= chunks[0]["end"] <= 30.0 and chunks[1]["end"] == 40.0
+    text = run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "3", "--per-chunk").stdout
     assert re.match(r"^\[00:00\.0–00:\d\d\.\d\] ", text)
+    # the flag's old name still works (hidden from --help)
+    assert run_ok("ask", LONG, PROMPT, "-m", model_f32, "--max-tokens", "3", "--per-window").stdout == text
 
 
 def test_many_files_with_a_failing_one_and_stdin(model_f32, tmp_path):
@@ -146,7 +148,7 @@ assert r.returncode == 0, r.stderr.decode()
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
 # Peak RSS may grow by at most this much from a 2-minute to a 10-minute file. Reading the 10-minute
-# file whole would take 212 MB (44.1 kHz float64) + 77 MB resampled; the per-window working set
+# file whole would take 212 MB (44.1 kHz float64) + 77 MB resampled; the per-chunk working set
 # (BEATs attention over 1496 tokens, ONNX Runtime's per-shape plans) is what remains. Measured: 16 MB.
 TRANSCRIBE_RSS_BOUND = 100e6
 

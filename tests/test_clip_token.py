@@ -119,7 +119,7 @@ def exported(tmp_path_factory):
 
 
 def runtime_features(wave: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
-    wave, _ = audio.fit_to_window(wave, config.sample_rate, config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(wave, config.sample_rate, config.min_seconds, config.max_seconds)
     return features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels), features.beats_fbank(wave)
 
 

@@ -309,7 +309,7 @@ def test_salmonn_on_tiny_en_exports_to_onnx(tiny_en, tmp_path):
     path = tmp_path / "audio_encoder.onnx"
     export_audio_encoder(AudioEncoder(model), config, path)
     wave, mel = clip_log_mel(dims.n_mels)
-    wave, _ = audio.fit_to_window(wave, config.sample_rate, config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(wave, config.sample_rate, config.min_seconds, config.max_seconds)
     fbank = features.beats_fbank(wave)
     with torch.no_grad():
         expected = model.encode_audio(torch.from_numpy(mel)[None], torch.from_numpy(fbank)[None])[0].numpy()

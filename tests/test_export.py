@@ -44,7 +44,7 @@ def random_clip(seconds: float, seed: int) -> np.ndarray:
 
 
 def features_of(wave: np.ndarray, config):
-    wave, _ = audio.fit_to_window(wave, config.sample_rate, config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(wave, config.sample_rate, config.min_seconds, config.max_seconds)
     mel = features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels)
     return mel, features.beats_fbank(wave)
 

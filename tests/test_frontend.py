@@ -23,7 +23,7 @@ MP3_SECONDS = 17.44
 
 def official_wave(name: str) -> tuple[np.ndarray, bool]:
     wave = audio.load_audio(OFFICIAL_TINY / REFERENCE_INPUTS[name])
-    return audio.fit_to_window(wave, audio.SAMPLE_RATE, 1.0, 30.0)
+    return audio.fit_to_chunk(wave, audio.SAMPLE_RATE, 1.0, 30.0)
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +88,18 @@ def test_runtime_modules_do_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
-# --- fit_to_window ------------------------------------------------------------------------------
+# --- fit_to_chunk ------------------------------------------------------------------------------
 
-def test_fit_to_window_pads_and_truncates():
-    wave, cut = audio.fit_to_window(np.ones(6400), 16000, 1.0, 30.0)
+def test_fit_to_chunk_pads_and_truncates():
+    wave, cut = audio.fit_to_chunk(np.ones(6400), 16000, 1.0, 30.0)
     assert not cut and len(wave) == 16000
     np.testing.assert_array_equal(wave[:6400], 1.0)
     np.testing.assert_array_equal(wave[6400:], 0.0)
 
-    wave, cut = audio.fit_to_window(np.arange(640000.0), 16000, 1.0, 30.0)
+    wave, cut = audio.fit_to_chunk(np.arange(640000.0), 16000, 1.0, 30.0)
     assert cut and len(wave) == 480000 and wave[-1] == 479999.0
 
-    wave, cut = audio.fit_to_window(np.ones(480000), 16000, 1.0, 30.0)
+    wave, cut = audio.fit_to_chunk(np.ones(480000), 16000, 1.0, 30.0)
     assert not cut and len(wave) == 480000
 
 

@@ -1,5 +1,5 @@
 """Fuzzing the readers of untrusted files with hypothesis: whatever the bytes, the audio reader
-(`audio.load_audio`, and `windows.iter_windows` that `ask`/`transcribe` stream through) and the
+(`audio.load_audio`, and `chunks.iter_chunks` that `ask`/`transcribe` stream through) and the
 manifest parser (`manifest.load_manifest`) either return a usable result or raise a SalmonnError
 subclass, never another exception.
 
@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 
 from salmonn_cli.audio import SAMPLE_RATE, load_audio
 from salmonn_cli.audio_input import MemoryAudio
+from salmonn_cli.chunks import CHUNK_SECONDS, iter_chunks
 from salmonn_cli.config import SalmonnConfig
 from salmonn_cli.errors import AudioError, ModelError, SalmonnError
 from salmonn_cli.manifest import MANIFEST_NAME, Manifest, check_config, load_manifest, manifest_dict
 from train.presets import tiny
-from salmonn_cli.windows import WINDOW_SECONDS, iter_windows
 
 FUZZ_EXAMPLES = int(os.environ.get("SALMONN_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
@@ -138,22 +138,22 @@ def test_load_audio_returns_a_wave_or_an_audio_error(work, data):
 
 @FUZZ
 @given(data=AUDIO_BYTES)
-def test_streamed_windows_or_an_audio_error(data, monkeypatch):
+def test_streamed_chunks_or_an_audio_error(data, monkeypatch):
     # the path of `ask -` / `transcribe -`: standard input in memory, read block by block.
     # An exception inside libsndfile's I/O callbacks cannot propagate; Python prints it instead.
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     try:
-        windows = list(iter_windows(MemoryAudio(data, "<stdin>")))
+        chunks = list(iter_chunks(MemoryAudio(data, "<stdin>")))
     except AudioError:
-        windows = None
+        chunks = None
     assert unraisable == []
-    if windows is None:
+    if chunks is None:
         return
-    assert windows
-    for window in windows:
-        check_wave(window.wave)
-        assert len(window.wave) <= WINDOW_SECONDS * SAMPLE_RATE
+    assert chunks
+    for chunk in chunks:
+        check_wave(chunk.wave)
+        assert len(chunk.wave) <= CHUNK_SECONDS * SAMPLE_RATE
 
 
 # --- manifest ------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def test_five_minutes_of_stdin_take_bounded_memory(model_f32, tmp_path):
         feed = feeder(str(seconds), tmp_path / "fed")
         peaks[seconds], result = peak_rss_of_transcribe_from(feed, model_f32, tmp_path)
         assert result["audio_seconds"] == pytest.approx(seconds, abs=0.01)
-        assert result["skipped_silent_windows"] == result["windows"] >= seconds // 30
+        assert result["skipped_silent_chunks"] == result["chunks"] >= seconds // 30
     assert peaks[LONG_STREAM_SECONDS] - peaks[SHORT_STREAM_SECONDS] < STREAM_RSS_BOUND, peaks
 
 
@@ -459,7 +459,7 @@ BAD_MANIFESTS = {
     "placeholder_not_in_speech_tag": (lambda d: d["config"].__setitem__("audio_placeholder", "<Sound>"), "lacks the audio placeholder"),
     "negative_width": (lambda d: d["config"]["llm"].__setitem__("hidden_size", -64), "llm.hidden_size = -64"),
     "absurd_layer_count": (lambda d: d["config"]["whisper"].__setitem__("n_layers", 10 ** 9), "whisper.n_layers"),
-    "absurd_window": (lambda d: d["config"].__setitem__("max_seconds", 1e9), "max_seconds"),
+    "absurd_chunk": (lambda d: d["config"].__setitem__("max_seconds", 1e9), "max_seconds"),
     "zero_sample_rate": (lambda d: d["config"].__setitem__("sample_rate", 0), "sample_rate"),
     "eos_outside_vocabulary": (lambda d: d["config"]["llm"].__setitem__("eos_token_id", 10 ** 6), "eos_token_id"),
     "bad_sha256": (lambda d: d["files"]["audio_encoder.onnx"].__setitem__("sha256", "xyz"), "64 hexadecimal"),

@@ -121,7 +121,7 @@ def test_vad_drops_clicks_and_silence():
     assert find_utterances(np.zeros(3 * RATE, dtype=np.float32)) == []
 
 
-def test_vad_cuts_long_speech_into_model_windows():
+def test_vad_cuts_long_speech_into_model_chunks():
     options = VadOptions()
     wave, _ = bursts([("silence", 1.0), ("speech", 70.0), ("silence", 1.0)], seed=6)
     utterances = find_utterances(wave, options=options)

@@ -128,7 +128,7 @@ def test_train_mode_drops_out_in_qformer_only(official, reference):
 
 
 @pytest.mark.parametrize("kernel,stride", [(17, 17), (5, 3), (4, 6)])
-def test_windows_are_strided_chunks(kernel, stride):
+def test_windows_are_strided_slices(kernel, stride):
     x = torch.randn(2, 50, 3)
     windows = cut_windows(x, kernel, stride)
     expected = x.unfold(1, kernel, stride).permute(0, 1, 3, 2)      # (B, L, k, C)

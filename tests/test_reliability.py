@@ -236,7 +236,7 @@ def test_valid_audio_is_answered(model_f32, env, tmp_path, case):
     assert [p.name for p in out_dir.iterdir()] == ["out.json"]
     result = json.loads((out_dir / "out.json").read_text())
     assert result["audio_seconds"] == pytest.approx(VALID_AUDIO[case].seconds, abs=SECONDS_TOL)
-    assert result["windows"] == 1
+    assert result["chunks"] == 1
 
 
 @pytest.mark.parametrize("case", list(BAD_AUDIO))
@@ -447,32 +447,32 @@ def test_one_hour_file_with_bounded_memory(model_f32, env, long_files, tmp_path)
                                                  env, tmp_path / f"{minutes}.stdout")
         assert code == 0, err
         result = json.loads(out.read_text())
-        n_windows = result["windows"]
-        assert n_windows >= minutes * 2                     # <= 30 s windows over the whole file
-        # only the windows holding a burst reach the model
+        n_chunks = result["chunks"]
+        assert n_chunks >= minutes * 2                     # <= 30 s chunks over the whole file
+        # only the chunks holding a burst reach the model
         bursts = -(-minutes // BURST_EVERY_MINUTES)
-        assert result["skipped_silent_windows"] == n_windows - bursts
+        assert result["skipped_silent_chunks"] == n_chunks - bursts
         assert result["audio_seconds"] == pytest.approx(minutes * 60, abs=SECONDS_TOL)
     assert peaks[HOUR_MINUTES] - peaks[SHORTER_MINUTES] < HOUR_RSS_BOUND, peaks
 
 
 def test_ask_reads_only_what_it_uses_of_an_hour(model_f32, env, long_files, tmp_path):
-    # a 400-token context holds one window: ask must stop reading there (no decode of the hour)
+    # a 400-token context holds one chunk: ask must stop reading there (no decode of the hour)
     peaks = {}
     for minutes, wav in long_files.items():
         code, err, peaks[minutes] = run_measured(["ask", wav, PROMPT, "-m", model_f32, "--json", "--context", "400",
                                                   *FAST], env, tmp_path / f"{minutes}.json")
         assert code == 0, err
         result = json.loads((tmp_path / f"{minutes}.json").read_text())
-        assert result["truncated"] and result["windows"] == 1
+        assert result["truncated"] and result["chunks"] == 1
         assert result["audio_seconds"] == pytest.approx(minutes * 60, abs=SECONDS_TOL)
     assert peaks[HOUR_MINUTES] - peaks[SHORTER_MINUTES] < HOUR_RSS_BOUND, peaks
 
 
 def test_ctrl_c_during_generation(model_f32, env, long_files):
-    # --per-window streams an answer per 30 s window: 120 windows, interrupted after the first text
+    # --per-chunk streams an answer per 30 s chunk: 120 chunks, interrupted after the first text
     process = subprocess.Popen([sys.executable, "-m", "salmonn_cli", "ask", str(long_files[HOUR_MINUTES]), PROMPT,
-                                "-m", str(model_f32), "--per-window", "--max-tokens", "50", "--threads", "1"],
+                                "-m", str(model_f32), "--per-chunk", "--max-tokens", "50", "--threads", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     try:
         first = process.stdout.read(1)
@@ -486,7 +486,7 @@ def test_ctrl_c_during_generation(model_f32, env, long_files):
     assert process.returncode == INTERRUPT_EXIT
     lines = [line for line in stderr.decode().splitlines() if line.strip()]
     assert lines == ["salmonn: interrupted"]
-    assert (first + stdout).count(b"\n[") < 100        # it stopped long before the 120th window
+    assert (first + stdout).count(b"\n[") < 100        # it stopped long before the 120th chunk
 
 
 # --- concurrency ---------------------------------------------------------------------------------

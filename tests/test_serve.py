@@ -131,10 +131,12 @@ def test_salmonn_options_match_the_command_line(client, model_f32, reference):
     sampled = chat(client, max_tokens=8, temperature=0.8, top_p=0.9, seed=7)
     cli = ask_json(model_f32, SPEECH, "--max-tokens", "8", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7")
     assert sampled.salmonn["tokens"] == cli["tokens"] and sampled.salmonn["beams"] == 1
-    per_window = chat(client, LONG, max_tokens=3, extra_body={"beams": 1, "per_window": True})
-    cli = ask_json(model_f32, LONG, "--max-tokens", "3", "--beams", "1", "--per-window")
-    assert [w["tokens"] for w in per_window.salmonn["windows"]] == [w["tokens"] for w in cli["windows"]]
-    assert per_window.choices[0].message.content.startswith("[00:00.0–00:")
+    per_chunk = chat(client, LONG, max_tokens=3, extra_body={"beams": 1, "per_chunk": True})
+    cli = ask_json(model_f32, LONG, "--max-tokens", "3", "--beams", "1", "--per-chunk")
+    assert [w["tokens"] for w in per_chunk.salmonn["chunks"]] == [w["tokens"] for w in cli["chunks"]]
+    assert per_chunk.choices[0].message.content.startswith("[00:00.0–00:")
+    old_name = chat(client, LONG, max_tokens=3, extra_body={"beams": 1, "per_window": True})   # its old name
+    assert [c["tokens"] for c in old_name.salmonn["chunks"]] == [c["tokens"] for c in per_chunk.salmonn["chunks"]]
     truncated = chat(client, LONG, max_tokens=3, extra_body={"beams": 1, "truncate": True})
     cli = ask_json(model_f32, LONG, "--max-tokens", "3", "--beams", "1", "--truncate")
     assert truncated.salmonn["tokens"] == cli["tokens"] and truncated.salmonn["truncated"]
@@ -144,7 +146,7 @@ def test_salmonn_options_match_the_command_line(client, model_f32, reference):
 # openai 3.x marks `audio.translations.create` deprecated; the route is still the one such servers offer
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 def test_transcriptions_and_translations_equal_transcribe(client, model_f32):
-    """A 40 s file: two windows, cut where `salmonn transcribe` cuts them."""
+    """A 40 s file: two chunks, cut where `salmonn transcribe` cuts them."""
     def api(kind, fmt, **extra):
         with open(LONG, "rb") as f:
             return getattr(client.audio, kind).create(model="salmonn", file=f, response_format=fmt,

@@ -317,7 +317,7 @@ def features_wave(path) -> np.ndarray:
     from salmonn_cli import audio
 
     wave = audio.load_audio(str(path), 16000)
-    wave, _ = audio.fit_to_window(wave, 16000, 1.0, 30.0)
+    wave, _ = audio.fit_to_chunk(wave, 16000, 1.0, 30.0)
     return wave
 
 

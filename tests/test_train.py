@@ -750,7 +750,7 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
     assert saved["tag_classes"] == ["", "high"] and set(saved["tag_head"]) == head_keys
     assert any(k.startswith("clip_token_head.") for k in saved["model"]) == bool(clip_token_hidden)
 
-def test_trimmed_clip_features_equal_the_full_window(tiny_model):
+def test_trimmed_clip_features_equal_the_full_chunk(tiny_model):
     """With trim_windows the log-mel is computed over the clip and a little padding only: bitwise the
     full 30 s computation (measured: max difference 0 for lengths 400 samples to beyond 30 s)."""
     import dataclasses

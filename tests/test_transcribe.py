@@ -1,4 +1,4 @@
-"""Long audio and `transcribe`: windows cut at quiet seams from block-wise reading, the task
+"""Long audio and `transcribe`: chunks cut at quiet seams from block-wise reading, the task
 prompts and language table, the repetition guard, subtitle formats, atomic output, bounded memory,
 and the whole flow on the exported official-tiny model (random weights: the text is gibberish, so
 these tests check structure, not words)."""
@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from conftest import AUDIO
-from salmonn_cli import audio, clock, subtitles, windows
+from salmonn_cli import audio, chunks, clock, subtitles
 from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, GreedyChooser, OneBeamDecoder,
                                   RepetitionGuard, decode)
 from salmonn_cli.errors import AudioError, SalmonnError
@@ -29,9 +29,9 @@ SR = audio.SAMPLE_RATE
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # The streamed resampler gives the same samples as resampling the whole file (measured: 0.0).
 STREAM_RESAMPLE_TOL = 1e-9
-# Peak RSS growth allowed while windowing a 10-minute file, whose decoded size is 212 MB at its own
-# rate (float64) and 77 MB at 16 kHz (measured growth: about 10 MB: one window plus one block).
-WINDOWING_RSS_BOUND = 25e6
+# Peak RSS growth allowed while chunking a 10-minute file, whose decoded size is 212 MB at its own
+# rate (float64) and 77 MB at 16 kHz (measured growth: about 10 MB: one chunk plus one block).
+CHUNKING_RSS_BOUND = 25e6
 SPEECH_LEVEL = 0.01                                  # |sample| above this is speech (espeak-ng)
 
 
@@ -236,12 +236,12 @@ def test_output_into_missing_directory_is_a_clear_error(tmp_path):
         subtitles.write_subtitles(TRICKY, "srt", tmp_path / "nope" / "a.srt")
 
 
-# --- windows --------------------------------------------------------------------------------------
+# --- chunks ---------------------------------------------------------------------------------------
 
-def test_windows_tile_the_file_and_match_whole_file_resampling(tmp_path):
+def test_chunks_tile_the_file_and_match_whole_file_resampling(tmp_path):
     wave, rate = narration()
     path = write(tmp_path / "long70.flac", np.tile(wave, 4), rate)     # 69.8 s at 44.1 kHz
-    cut = list(windows.iter_windows(path))
+    cut = list(chunks.iter_chunks(path))
     whole = audio.load_audio(path)
     assert len(cut) == 3
     assert cut[0].start_s == 0 and cut[-1].end_s == pytest.approx(len(whole) / SR)
@@ -261,19 +261,19 @@ def test_seam_falls_in_a_silence_gap(tmp_path):
     signal = np.concatenate([before, np.zeros(int((gap_end - gap_start) * rate)), wave])
     signal += 1e-4 * np.random.default_rng(0).standard_normal(len(signal))   # not digital silence
     path = write(tmp_path / "gap.wav", signal, rate)
-    cut = list(windows.iter_windows(path))
+    cut = list(chunks.iter_chunks(path))
     assert len(cut) == 2
     assert gap_start + 0.05 < cut[0].end_s < gap_end - 0.05
 
 
 def test_short_exact_and_16k_files(tmp_path):
     tone = 0.1 * np.sin(np.arange(30 * SR) * 0.05)
-    (only,) = windows.iter_windows(write(tmp_path / "exact30.wav", tone, SR))
+    (only,) = chunks.iter_chunks(write(tmp_path / "exact30.wav", tone, SR))
     assert only.end_s == 30.0 and np.array_equal(only.wave, audio.load_audio(tmp_path / "exact30.wav"))
-    (short,) = windows.iter_windows(write(tmp_path / "short.wav", tone[:SR // 2], SR))
+    (short,) = chunks.iter_chunks(write(tmp_path / "short.wav", tone[:SR // 2], SR))
     assert short.end_s == 0.5
     stereo = np.stack([tone[:SR], -tone[:SR]], axis=1)
-    (first,) = windows.iter_windows(write(tmp_path / "stereo.wav", stereo, SR))
+    (first,) = chunks.iter_chunks(write(tmp_path / "stereo.wav", stereo, SR))
     assert np.allclose(first.wave, tone[:SR], atol=1 / 32768)          # channel 0, PCM16 rounding
 
 
@@ -282,7 +282,7 @@ def test_unreadable_and_empty_files_are_audio_errors(tmp_path):
     empty = write(tmp_path / "empty.wav", np.zeros(0), SR)
     for bad in (tmp_path / "junk.wav", empty, tmp_path / "missing.wav"):
         with pytest.raises(AudioError):
-            list(windows.iter_windows(bad))
+            list(chunks.iter_chunks(bad))
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -303,7 +303,7 @@ def test_seams_fall_between_espeak_sentences(tmp_path):
         pieces += [clip, pause]
         t += (len(clip) + len(pause)) / rate
     path = write(tmp_path / "speech.wav", np.concatenate(pieces), rate)
-    cut = list(windows.iter_windows(path))
+    cut = list(chunks.iter_chunks(path))
     assert len(cut) >= 2
     for w in cut[:-1]:
         assert not any(a < w.end_s < b for a, b in speech), f"cut at {w.end_s:.2f} s is inside a sentence"
@@ -311,19 +311,19 @@ def test_seams_fall_between_espeak_sentences(tmp_path):
 
 MEMORY_SCRIPT = """
 import resource, sys
-from salmonn_cli import windows
+from salmonn_cli import chunks
 def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-list(windows.iter_windows(sys.argv[2]))           # warm up: imports, soxr, first allocations
+list(chunks.iter_chunks(sys.argv[2]))           # warm up: imports, soxr, first allocations
 before = peak()
 n = samples = 0
-for w in windows.iter_windows(sys.argv[1]):
+for w in chunks.iter_chunks(sys.argv[1]):
     n += 1
     samples += len(w.wave)
 print(n, samples, peak() - before)
 """
 
 
-def test_ten_minute_file_is_windowed_with_bounded_memory(tmp_path):
+def test_ten_minute_file_is_chunked_with_bounded_memory(tmp_path):
     wave, rate = narration()
     path = tmp_path / "ten_minutes.wav"
     with sf.SoundFile(path, "w", rate, 1, "PCM_16") as f:   # written in blocks too
@@ -338,7 +338,7 @@ def test_ten_minute_file_is_windowed_with_bounded_memory(tmp_path):
     assert r.returncode == 0, r.stderr
     n, samples, growth = map(int, r.stdout.split())
     assert n >= 20 and abs(samples - 600 * SR) <= 1
-    assert growth < WINDOWING_RSS_BOUND < decoded_bytes_16k / 3, growth
+    assert growth < CHUNKING_RSS_BOUND < decoded_bytes_16k / 3, growth
 
 
 # --- the whole flow on the exported tiny model ----------------------------------------------------
@@ -361,14 +361,14 @@ def test_transcribe_70_seconds_of_speech(pipeline, long_speech, tmp_path):
     seen = []
     options = TranscribeOptions(decoding=DecodingOptions(max_tokens=12))
     transcript = transcribe_file(pipeline, long_speech, options, on_segment=seen.append, progress=False)
-    assert transcript.n_windows == 3 and transcript.skipped_silent == 0
+    assert transcript.n_chunks == 3 and transcript.skipped_silent == 0
     assert transcript.seconds == pytest.approx(69.76, abs=0.01)
     assert transcript.prompt == TRANSCRIBE_PROMPT and transcript.task == "transcribe"
     assert seen == transcript.segments and len(seen) == 3
     assert seen[0].start == 0 and seen[-1].end == transcript.seconds
     assert all(s.text and 0 < len(s.tokens) <= 12 for s in seen)
-    # each segment is what `answer` gives for its window alone
-    first = next(windows.iter_windows(long_speech))
+    # each segment is what `answer` gives for its chunk alone
+    first = next(chunks.iter_chunks(long_speech))
     embeds, _ = pipeline.embed_wave(first.wave)
     direct = pipeline.answer(embeds, TRANSCRIBE_PROMPT, DecodingOptions(max_tokens=12))
     assert seen[0].tokens == direct.tokens and seen[0].text == direct.text
@@ -379,7 +379,7 @@ def test_transcribe_70_seconds_of_speech(pipeline, long_speech, tmp_path):
         assert [c[0] for c in cues] == [round(s.start, 3) for s in seen]
     subtitles.write_subtitles(transcript.segments, "json", tmp_path / "t.json", transcript.metadata())
     doc = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
-    assert doc["windows"] == 3 and len(doc["segments"]) == 3 and doc["task"] == "transcribe"
+    assert doc["chunks"] == 3 and len(doc["segments"]) == 3 and doc["task"] == "transcribe"
 
 
 def test_translation_prompt_and_unknown_language(pipeline, long_speech):
@@ -387,13 +387,13 @@ def test_translation_prompt_and_unknown_language(pipeline, long_speech):
     transcript = transcribe_file(pipeline, NARRATION, options, progress=False)
     assert transcript.task == "translate" and transcript.language == "Japanese"
     assert transcript.prompt == "Listen to the speech and translate it into Japanese."
-    assert transcript.n_windows == 1
+    assert transcript.n_chunks == 1
     with pytest.raises(SalmonnError, match="unknown language"):
         transcribe_file(pipeline, long_speech, TranscribeOptions(translate="xx"))
 
 
-def test_the_guard_cuts_looping_windows(pipeline, long_speech):
-    # the tiny model's random weights loop within 200 tokens on this audio (measured: every window)
+def test_the_guard_cuts_looping_chunks(pipeline, long_speech):
+    # the tiny model's random weights loop within 200 tokens on this audio (measured: every chunk)
     transcript = transcribe_file(pipeline, long_speech, TranscribeOptions(), progress=False)
     looped = [s for s in transcript.segments if s.stop_reason == STOP_REPETITION]
     assert looped
@@ -402,13 +402,13 @@ def test_the_guard_cuts_looping_windows(pipeline, long_speech):
         assert guard.find_loop(s.tokens) is None and len(s.tokens) < 200
 
 
-def test_silent_windows_are_skipped(pipeline, tmp_path):
+def test_silent_chunks_are_skipped(pipeline, tmp_path):
     wave, rate = narration()
     path = write(tmp_path / "quiet_then_speech.wav",
                  np.concatenate([np.zeros(40 * rate), wave[:5 * rate]]), rate)
     transcript = transcribe_file(pipeline, path, TranscribeOptions(decoding=DecodingOptions(max_tokens=2)),
                                  progress=False)
-    assert transcript.n_windows == 2 and transcript.skipped_silent == 1
+    assert transcript.n_chunks == 2 and transcript.skipped_silent == 1
     assert len(transcript.segments) == 1 and transcript.segments[0].start >= 25
 
 
@@ -421,11 +421,11 @@ def test_transcribe_never_loads_the_whole_file(pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(audio, "load_audio", lambda *a, **k: pytest.fail("whole-file read"))
     options = TranscribeOptions(decoding=DecodingOptions(max_tokens=1), skip_silence=False)
     transcript = transcribe_file(pipeline, path, options, progress=False)
-    assert transcript.n_windows >= 20 and transcript.seconds == pytest.approx(35 * len(wave) / rate)
+    assert transcript.n_chunks >= 20 and transcript.seconds == pytest.approx(35 * len(wave) / rate)
     assert all(s.end - s.start <= 30 for s in transcript.segments)
 
 
-def test_progress_only_for_several_windows_on_a_terminal(monkeypatch):
+def test_progress_only_for_several_chunks_on_a_terminal(monkeypatch):
     assert not progress_wanted(20.0, 30.0, True)
     assert not progress_wanted(None, 30.0, True)
     assert progress_wanted(70.0, 30.0, True)
@@ -440,7 +440,7 @@ def test_forced_progress_bar_keeps_stdout_apart(pipeline, long_speech, capsys):
     transcript = transcribe_file(pipeline, long_speech,
                                  TranscribeOptions(decoding=DecodingOptions(max_tokens=1)),
                                  on_segment=lambda s: print(f"SEGMENT {s.start:.2f}"), progress=True)
-    assert transcript.n_windows == 3
+    assert transcript.n_chunks == 3
     captured = capsys.readouterr()
     # segments printed to a piped stdout stay on stdout; the bar is on stderr only
     assert captured.out.splitlines() == [f"SEGMENT {s.start:.2f}" for s in transcript.segments]

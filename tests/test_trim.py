@@ -66,7 +66,7 @@ def random_clip(seconds: float, seed: int) -> np.ndarray:
 
 def runtime_features(wave: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:
     """What `Pipeline.embed_wave` computes: the full official log-mel and the clip's fbank."""
-    wave, _ = audio.fit_to_window(wave, config.sample_rate, config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(wave, config.sample_rate, config.min_seconds, config.max_seconds)
     return features.log_mel_spectrogram(wave, n_mels=config.whisper.n_mels), features.beats_fbank(wave)
 
 
@@ -293,12 +293,12 @@ def test_ask_returns_the_pytorch_greedy_tokens(exported, clip):
     assert out["prompt_tokens"] == 1 + len(exported.prompt_ids[0]) + n_audio + len(exported.prompt_ids[1])
 
 
-def test_context_budget_counts_the_short_last_window_by_its_own_tokens(exported):
-    """40 s = a full window (120 tokens) + a ~10 s one (about 40): a context with room for 165
+def test_context_budget_counts_the_short_last_chunk_by_its_own_tokens(exported):
+    """40 s = a full chunk (120 tokens) + a ~10 s one (about 40): a context with room for 165
     audio tokens holds both, where the untrimmed count (2 x 120) would have cut the file."""
     answer_room = 256 + GREEDY_STEPS              # pipeline.PROMPT_TEXT_BUDGET + one beam's answer
     context = 1 + answer_room + 165
     out = ask_json(exported.model_dir, OFFICIAL_TINY / "long_40s.wav", "--context", context)
     n_text = 1 + len(exported.prompt_ids[0]) + len(exported.prompt_ids[1])
-    assert out["windows"] == 2 and not out["truncated"]
+    assert out["chunks"] == 2 and not out["truncated"]
     assert exported.config.n_audio_tokens < out["prompt_tokens"] - n_text <= 165

@@ -164,18 +164,18 @@ def load_wave(sample: Sample, config: SalmonnConfig) -> np.ndarray:
     parts = [audio.load_audio(sample.path, rate)]
     for extra in sample.expand_wav:
         parts += [np.zeros(EXPAND_GAP_SAMPLES * rate // audio.SAMPLE_RATE), audio.load_audio(extra, rate)]
-    wave, _ = audio.fit_to_window(np.concatenate(parts), rate, config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(np.concatenate(parts), rate, config.min_seconds, config.max_seconds)
     return wave
 
 
 def clip_features(wave: np.ndarray, config: SalmonnConfig) -> tuple[np.ndarray, np.ndarray]:
     """The encoders' inputs, computed by the runtime's front end: Whisper log-mel of the full
-    `max_seconds` window (n_mels, frames) and the BEATs fbank of the clip itself (F, 128).
+    `max_seconds` chunk (n_mels, frames) and the BEATs fbank of the clip itself (F, 128).
 
     With `config.trim_windows` Whisper reads only the first `mel_frame_count` columns, so the
     spectrogram is computed over the clip and enough of its zero padding to cover them and to end on
     a column of pure silence (an STFT frame that sees only padding); the remaining columns, silence
-    too in the full computation, repeat that one. The values equal the full window's (tested) at a
+    too in the full computation, repeat that one. The values equal the full chunk's (tested) at a
     fraction of its cost (a 3 s clip: ~2 ms instead of ~11 ms).
     """
     fbank = features.beats_fbank(wave)

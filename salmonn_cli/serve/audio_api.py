@@ -1,5 +1,5 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations, answered by `salmonn transcribe`'s flow
-(`transcribe_file`: windows of at most 30 s cut at quiet seams, the official task prompts) and written
+(`transcribe_file`: chunks of at most 30 s cut at quiet seams, the official task prompts) and written
 by its own writers, so every format is byte for byte what `salmonn transcribe` prints.
 
 `language` means what OpenAI means on transcriptions (the language spoken, a hint: SALMONN's
@@ -17,13 +17,13 @@ from starlette.responses import JSONResponse, Response
 from salmonn_cli.audio_input import MemoryAudio
 from salmonn_cli.beams import MAX_BEAMS
 from salmonn_cli.decoding import DecodingOptions
-from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.errors import SalmonnError
 from salmonn_cli.serve.body import read_form
 from salmonn_cli.serve.chat import MAX_TEMPERATURE
 from salmonn_cli.serve.disconnect import watch_disconnect
-from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
+from salmonn_cli.serve.errors import bad_request, from_salmonn_error
 from salmonn_cli.serve.params import form_number, request_decoding
-from salmonn_cli.serve.worker import CancellableGuard, ClientGone
+from salmonn_cli.serve.worker import CancellableGuard, model_result
 from salmonn_cli.subtitles import WRITERS
 from salmonn_cli.transcribe import (TranscribeOptions, Transcript, check_trained_for, language_name,
                                    transcribe_file)
@@ -70,7 +70,7 @@ def parse_audio_request(fields: dict[str, str], files: dict[str, tuple[str, byte
 
 
 def transcribe_upload(pipeline, job, request: AudioRequest) -> Transcript:
-    """As `salmonn transcribe` (its default repetition guard, silent windows skipped)."""
+    """As `salmonn transcribe` (its default repetition guard, silent chunks skipped)."""
     options = TranscribeOptions(translate=request.translate, decoding=request.decoding,
                                 repetition_guard=CancellableGuard(job))
     return transcribe_file(pipeline, MemoryAudio(request.audio, request.name), options,
@@ -114,12 +114,7 @@ async def audio_route(request, server, *, translation: bool):
             return transcribe_upload(pipeline, job, upload)
 
         async with watch_disconnect(request, job):
-            try:
-                transcript = await server.worker.run(job, work)
-            except SalmonnError as e:
-                raise from_salmonn_error(e, param="file" if isinstance(e, AudioError) else None) from None
-            except ClientGone:
-                raise APIError(499, "the client went away", code="client_closed") from None
+            transcript = await model_result(server.worker.run(job, work), "file")
     server.note(request, f"{transcript.seconds:.1f} s of audio, {len(transcript.segments)} segments")
     media_type, body = render(transcript, upload)
     if isinstance(body, str):

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: OpenAI's chat format answered by the `salmonn ask` flows (`answer_file` or
-`answer_each_window`), so an answer is token for token what `salmonn ask` prints.
+`answer_each_chunk`), so an answer is token for token what `salmonn ask` prints.
 
 SALMONN answers one question about one recording: the prompt is the text of the last user message,
 the audio its `input_audio` part (or, in a conversation that goes on about the same recording, the
@@ -20,17 +20,17 @@ from typing import Callable
 import anyio
 from starlette.responses import JSONResponse, StreamingResponse
 
-from salmonn_cli.ask import answer_each_window, answer_file, window_label
+from salmonn_cli.ask import answer_each_chunk, answer_file, chunk_label
 from salmonn_cli.audio_input import MemoryAudio, open_audio
 from salmonn_cli.beams import MAX_BEAMS
 from salmonn_cli.decoding import DecodingOptions
-from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.errors import SalmonnError
 from salmonn_cli.prompt import check_instruction
 from salmonn_cli.serve.body import read_json
 from salmonn_cli.serve.disconnect import watch_disconnect
-from salmonn_cli.serve.errors import APIError, bad_request, from_salmonn_error
+from salmonn_cli.serve.errors import APIError, bad_request
 from salmonn_cli.serve.params import flag, number, request_decoding
-from salmonn_cli.serve.worker import ClientGone
+from salmonn_cli.serve.worker import model_result
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 FINISH_REASONS = {"eos": "stop", "max_tokens": "length", "context_full": "length"}
@@ -45,7 +45,7 @@ class ChatRequest:
     audio_param: str                     # where the audio came from, for error messages
     decoding: DecodingOptions
     lora_scale: float | None
-    per_window: bool = False
+    per_chunk: bool = False
     truncate: bool = False
     stream: bool = False
     include_usage: bool = False
@@ -164,13 +164,14 @@ def parse_chat(body: dict, served: DecodingOptions) -> ChatRequest:
                                 seed=number(body, "seed", None, 0, MAX_SEED, integer=True),
                                 beams=number(body, "beams", None, 1, MAX_BEAMS, integer=True))
     lora_scale = number(body, "lora_scale", None, -1e6, 1e6)
-    per_window, truncate = flag(body, "per_window"), flag(body, "truncate")
-    if per_window and truncate:
-        raise bad_request("per_window and truncate do not go together", param="per_window")
+    per_chunk = flag(body, "per_chunk") or flag(body, "per_window")      # per_window: its old name
+    truncate = flag(body, "truncate")
+    if per_chunk and truncate:
+        raise bad_request("per_chunk and truncate do not go together", param="per_chunk")
     stream = flag(body, "stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return ChatRequest(prompt, audio, param, decoding, lora_scale, per_window, truncate, stream, include_usage)
+    return ChatRequest(prompt, audio, param, decoding, lora_scale, per_chunk, truncate, stream, include_usage)
 
 
 # --- the answer (in the model's thread) ------------------------------------------------------------
@@ -181,8 +182,8 @@ def answer_chat(pipeline, job, request: ChatRequest, on_ready: Callable[[], None
     then a bad recording can still be a 400); `on_text` gets the answer as it is generated."""
     audio_in = open_audio(MemoryAudio(request.audio, "input_audio"))
     emit = on_text or (lambda text: None)
-    if request.per_window:
-        return per_window_answer(pipeline, job, request, audio_in, on_ready, emit)
+    if request.per_chunk:
+        return per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit)
 
     def on_audio(audio) -> None:
         on_ready()
@@ -195,21 +196,21 @@ def answer_chat(pipeline, job, request: ChatRequest, on_ready: Callable[[], None
                       result.to_dict())
 
 
-def per_window_answer(pipeline, job, request, audio_in, on_ready, emit) -> ChatResult:
-    """One answer per window, each line led by its times, as `salmonn ask --per-window` prints them."""
+def per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit) -> ChatResult:
+    """One answer per chunk, each line led by its times, as `salmonn ask --per-chunk` prints them."""
 
-    def on_window(window) -> None:
-        if not window.index:
+    def on_chunk(chunk) -> None:
+        if not chunk.index:
             on_ready()
         job.check()
-        emit(("\n" if window.index else "") + window_label(window))
+        emit(("\n" if chunk.index else "") + chunk_label(chunk))
 
-    result = answer_each_window(pipeline, audio_in, request.prompt, decoding=request.decoding,
-                                on_window=on_window, on_text=emit, stop=job.stop)
-    answers = [w.answer for w in result.windows]
-    return ChatResult("\n".join(window_label(w) + w.answer.text for w in result.windows),
+    result = answer_each_chunk(pipeline, audio_in, request.prompt, decoding=request.decoding,
+                               on_chunk=on_chunk, on_text=emit, stop=job.stop)
+    answers = [c.answer for c in result.chunks]
+    return ChatResult("\n".join(chunk_label(c) + c.answer.text for c in result.chunks),
                       [t for a in answers for t in a.tokens], answers[-1].stop_reason if answers else "eos",
-                      sum(a.prompt_tokens for a in answers), sum(w.audio_tokens for w in result.windows),
+                      sum(a.prompt_tokens for a in answers), sum(c.audio_tokens for c in result.chunks),
                       {**result.to_dict(), "beams": request.decoding.beams})
 
 
@@ -276,13 +277,13 @@ async def chat_completions(request, server) -> object:
             task.add_done_callback(lambda _: events.put_nowait(END))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())    # retrieved, when no one awaits it
             if not chat.stream:
-                result = await model_result(task, chat)
+                result = await model_result(task, chat.audio_param)
                 server.note(request, f"{result.prompt_tokens}+{len(result.tokens)} tokens")
                 return JSONResponse(completion(result, server.model_id))
             # the first event says whether the audio could be read: a bad recording is still a 400
             first = await events.get()
             if first is END:
-                await model_result(task, chat)      # raises what went wrong
+                await model_result(task, chat.audio_param)      # raises what went wrong
                 raise bad_request("the audio holds no samples", param=chat.audio_param)
     stream = ChunkStream(server.model_id)
 
@@ -294,7 +295,7 @@ async def chat_completions(request, server) -> object:
                 if isinstance(item, str):
                     yield stream.chunk({"content": item})
             try:
-                result = await model_result(task, chat)
+                result = await model_result(task, chat.audio_param)
             except APIError as e:                 # after the headers: the error goes in the stream
                 server.note(request, e.message)
                 yield event(e.body())
@@ -316,12 +317,3 @@ async def chat_completions(request, server) -> object:
     # (the request's place in the queue stays taken until the model has stopped working for it)
     return StreamingResponse(chunks(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def model_result(task: asyncio.Future, chat: ChatRequest) -> ChatResult:
-    try:
-        return await task
-    except SalmonnError as e:
-        raise from_salmonn_error(e, param=chat.audio_param if isinstance(e, AudioError) else None) from None
-    except ClientGone:
-        raise APIError(499, "the client went away", code="client_closed") from None

@@ -13,10 +13,11 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from salmonn_cli.decoding import RepetitionGuard
-from salmonn_cli.serve.errors import APIError
+from salmonn_cli.errors import AudioError, SalmonnError
+from salmonn_cli.serve.errors import APIError, from_salmonn_error
 
 # weight of the newest request in the running mean of request durations (for Retry-After)
 DURATION_SMOOTHING = 0.3
@@ -25,6 +26,17 @@ DURATION_SMOOTHING = 0.3
 class ClientGone(Exception):
     """The client disconnected: its generation stops."""
 
+
+
+async def model_result(work: Awaitable, audio_param: str) -> Any:
+    """What a job on the model returned; its failure as the API error to answer with (`audio_param`:
+    the request field an unreadable recording came in)."""
+    try:
+        return await work
+    except SalmonnError as e:
+        raise from_salmonn_error(e, param=audio_param if isinstance(e, AudioError) else None) from None
+    except ClientGone:
+        raise APIError(499, "the client went away", code="client_closed") from None
 
 class Job:
     def __init__(self) -> None:
@@ -46,7 +58,7 @@ class Job:
 
 
 class CancellableGuard(RepetitionGuard):
-    """The transcription's repetition guard, which also ends the window when the client has gone."""
+    """The transcription's repetition guard, which also ends the chunk when the client has gone."""
 
     def __init__(self, job: Job):
         super().__init__()

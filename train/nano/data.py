@@ -1,7 +1,7 @@
 """The salmonn-nano data set: planned from a seed, rendered to 16 kHz WAV files, annotated in the
 official format.
 
-Kinds of clip, 1 s up to a whole 30 s window:
+Kinds of clip, 1 s up to a whole 30 s chunk:
 - speech: one or more sentences of open-vocabulary English (`text.py`) read by synthetic voices
   (`voices.py`; a conversation alternates two), with pauses between them;
 - real: recordings of human speakers with a known text (`real_speech.py`), one or several in a row;
@@ -48,9 +48,9 @@ PROMPTS_FILE = "prompts.json"
 SPEAKER_SEPARATOR = ", "                # between the speakers of a conversation in an entry's "voice"
 SUMMARY_FILE = "dataset.json"
 
-MAX_CLIP_SECONDS = 29.5                 # the last Whisper frames of a 30 s window stay free
+MAX_CLIP_SECONDS = 29.5                 # the last Whisper frames of a 30 s chunk stay free
 MIN_CLIP_SECONDS = 1.0
-SINGLE_SENTENCE_PROBABILITY = 0.35      # else a clip of several sentences, up to a whole window
+SINGLE_SENTENCE_PROBABILITY = 0.35      # else a clip of several sentences, up to a whole chunk
 LONG_CLIP_SECONDS = (4.0, MAX_CLIP_SECONDS)
 QUICK_LONG_CLIP_SECONDS = (3.0, 8.0)    # the quick set's several-sentence clips: same code, less to synthesise
 WORDS_PER_SECOND = 2.6                  # the voices' speed at rate 1, for planning a clip's length
@@ -159,7 +159,7 @@ class Clip:
 
 @dataclass(frozen=True)
 class Rendered:
-    """What rendering decided: the length, and the sentences that fit in the window."""
+    """What rendering decided: the length, and the sentences that fit in the chunk."""
     seconds: float
     transcript: str
     speakers: tuple[str, ...]
@@ -309,7 +309,7 @@ def _silence(rng: np.random.Generator, seconds_range: tuple[float, float]) -> np
 
 
 def _join(pieces: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Pieces with pauses between them and silence at both ends, as many as fit in the window;
+    """Pieces with pauses between them and silence at both ends, as many as fit in the chunk;
     returns the audio and how many pieces it holds (at least one, cut if it alone is too long)."""
     out = [_silence(rng, EDGE_SECONDS)]
     total = len(out[0])

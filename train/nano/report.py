@@ -31,7 +31,7 @@ REAL_CLIP_DIRS = (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / 
                   Path("/usr/share/sounds/alsa"))
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg")
 REAL_CLIP_PROMPTS = ("Please describe the audio.", "Recognize the speech and give me the transcription.")
-# a whole 30 s window of speech is ~130 SmolLM2 tokens
+# a whole 30 s chunk of speech is ~130 SmolLM2 tokens
 MAX_ANSWER_TOKENS = 256
 MAX_FILES_PER_CALL = 200
 LONG_RECORDING_SECONDS = 600.0

@@ -1,8 +1,9 @@
-"""Audio of any length as windows of at most 30 s, cut at quiet seams.
+"""Audio of any length as chunks of at most 30 s, cut at quiet seams.
 
 The input is never decoded whole: its 16 kHz blocks (`audio.read_resampled_blocks`) are appended
-to a buffer that never holds much more than one window. When the buffer is longer than a window, the window ends at the
-quietest point of its last `SEAM_SEARCH_SECONDS` (lowest short-time energy), so words are not cut.
+to a buffer that never holds much more than one chunk (`audio.CHUNK_SECONDS`, the most the model
+hears at once). When the buffer is longer than a chunk, the chunk ends at the quietest point of its
+last `SEAM_SEARCH_SECONDS` (lowest short-time energy), so words are not cut.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from salmonn_cli.audio import READ_BLOCK_SECONDS, SAMPLE_RATE, read_resampled_blocks
+from salmonn_cli.audio import CHUNK_SECONDS, READ_BLOCK_SECONDS, SAMPLE_RATE, read_resampled_blocks
 from salmonn_cli.audio_input import AudioInput
 
-WINDOW_SECONDS = 30.0          # the model hears at most 30 s at once
-SEAM_SEARCH_SECONDS = 5.0      # a window may end this much early to end in a pause
+SEAM_SEARCH_SECONDS = 5.0      # a chunk may end this much early to end in a pause
 ENERGY_FRAME_SECONDS = 0.025   # short-time energy: 25 ms frames ...
 ENERGY_HOP_SECONDS = 0.010     # ... every 10 ms ...
 ENERGY_SMOOTH_FRAMES = 10      # ... averaged over 100 ms, so one quiet frame inside a word loses to a pause
@@ -27,7 +27,7 @@ QUIET_TIE_FLOOR = 1e-12
 
 
 @dataclass
-class AudioWindow:
+class AudioChunk:
     index: int
     start_s: float             # position in the file
     end_s: float
@@ -77,17 +77,17 @@ def quietest_cut(wave: np.ndarray, sample_rate: int, earliest: int, latest: int)
     return min(max(cut, earliest + 1), latest)
 
 
-def iter_windows(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: int = SAMPLE_RATE,
-                 window_seconds: float = WINDOW_SECONDS,
-                 seam_search_seconds: float = SEAM_SEARCH_SECONDS,
-                 block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[AudioWindow]:
-    """Consecutive windows covering the whole input, each at most `window_seconds` long.
+def iter_chunks(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate: int = SAMPLE_RATE,
+                chunk_seconds: float = CHUNK_SECONDS,
+                seam_search_seconds: float = SEAM_SEARCH_SECONDS,
+                block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[AudioChunk]:
+    """Consecutive chunks covering the whole input, each at most `chunk_seconds` long.
 
-    Memory stays at about one window plus one block, whatever the input's length.
+    Memory stays at about one chunk plus one block, whatever the input's length.
     """
-    if not 0 <= seam_search_seconds < window_seconds:
-        raise ValueError("seam_search_seconds must be in [0, window_seconds)")
-    window_len = int(round(window_seconds * sample_rate))
+    if not 0 <= seam_search_seconds < chunk_seconds:
+        raise ValueError("seam_search_seconds must be in [0, chunk_seconds)")
+    chunk_len = int(round(chunk_seconds * sample_rate))
     search_len = int(round(seam_search_seconds * sample_rate))
     pending: list[np.ndarray] = []
     n_pending = 0
@@ -96,16 +96,16 @@ def iter_windows(source: str | os.PathLike | BinaryIO | AudioInput, sample_rate:
     for block in read_resampled_blocks(source, sample_rate, block_seconds):
         pending.append(block)
         n_pending += len(block)
-        # A window is only cut once more than a full window is buffered, so the last window can
+        # A chunk is only cut once more than a full chunk is buffered, so the last chunk can
         # still be a full 30 s when the file ends exactly there.
-        while n_pending > window_len:
+        while n_pending > chunk_len:
             buffer = np.concatenate(pending)
-            cut = quietest_cut(buffer, sample_rate, window_len - search_len, window_len)
-            yield AudioWindow(index, offset / sample_rate, (offset + cut) / sample_rate, buffer[:cut].copy())
+            cut = quietest_cut(buffer, sample_rate, chunk_len - search_len, chunk_len)
+            yield AudioChunk(index, offset / sample_rate, (offset + cut) / sample_rate, buffer[:cut].copy())
             index += 1
             offset += cut
             pending = [buffer[cut:]]
             n_pending = len(pending[0])
     if n_pending:
         rest = np.concatenate(pending)
-        yield AudioWindow(index, offset / sample_rate, (offset + len(rest)) / sample_rate, rest)
+        yield AudioChunk(index, offset / sample_rate, (offset + len(rest)) / sample_rate, rest)
