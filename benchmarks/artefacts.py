@@ -37,6 +37,7 @@ CLIP_SOURCES = ("narration-moon-landing.mp3", "gunshots.wav", "mountain.wav", "e
 BUILD_SEED = 0
 BUILD_MARKER = "bench-build.json"
 MANIFEST_NAME = "salmonn.json"
+ENCODER_ONNX = "audio_encoder.onnx"
 FIXTURE_SHAPE = "official-tiny"
 # Vicuna layout (MHA, vocab 32000, SiLU MLP, RMSNorm) at ~1.3B parameters: what fits a 24 GiB machine
 # in f32 for the PyTorch reference. The width/depth/MLP ratio is TinyLlama's, without its GQA.
@@ -100,6 +101,34 @@ def build_official(root: Path, config: SalmonnConfig, log=print) -> OfficialPath
     assert (built.ckpt, built.whisper, built.beats, built.llm) == (files.ckpt, files.whisper, files.beats, files.llm)
     marker.write_text(json.dumps(wanted))
     return files
+
+
+def encoder_config() -> SalmonnConfig:
+    """SALMONN-7B's encoders and Q-Former; a one-layer LLM (only its width reaches the encoder export)."""
+    config = bench_config("7b")
+    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, n_layers=1))
+
+
+def real_shape_encoder(work: Path, log=print) -> tuple[OfficialPaths, Path]:
+    """The random-weight official-format files of `encoder_config` in WORK/enc/official and their audio
+    encoder exported to ONNX (export.onnx_encoder, fp32) in WORK/enc/onnx/, each built once."""
+    official = build_official(work / "enc" / "official", encoder_config(), log)
+    onnx_dir = work / "enc" / "onnx"
+    if not (onnx_dir / ENCODER_ONNX).is_file():
+        from export.onnx_encoder import export_audio_encoder
+        from train.model import AudioEncoder
+        from train.official import load_official
+
+        log("exporting the real-shape audio encoder to ONNX (once)")
+        tmp = work / "enc" / "onnx.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model, config = load_official(official.ckpt, official.whisper, official.beats, official.llm, llm_weights=False)
+        export_audio_encoder(AudioEncoder(model), config, tmp / ENCODER_ONNX)
+        del model
+        shutil.rmtree(onnx_dir, ignore_errors=True)
+        os.replace(tmp, onnx_dir)
+    return official, onnx_dir / ENCODER_ONNX
 
 
 # --- model directories ---------------------------------------------------------------------------

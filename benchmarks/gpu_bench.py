@@ -45,7 +45,7 @@ REFERENCE_INPUTS = {"speech": "speech_2p5s.wav", "long": "long_40s.wav", "short"
 REFERENCE_STEPS = 8
 QUANTS = ("q4_k_m", "f16")
 MIB = 1 << 20
-ENCODER_ONNX = "audio_encoder.onnx"
+ENCODER_ONNX = artefacts.ENCODER_ONNX
 TTFT_GOAL_S = 0.150
 LLAMA_CPP_GOAL = 0.97
 
@@ -55,12 +55,6 @@ def log(message: str) -> None:
 
 
 # --- prepare: random-weight real shapes ------------------------------------------------------------
-
-def encoder_config():
-    """SALMONN-7B's encoders and Q-Former; a one-layer LLM (only its width reaches the encoder export)."""
-    config = artefacts.bench_config("7b")
-    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, n_layers=1))
-
 
 class RandomLlama:
     """A reader over random LLaMA weights with the interface of train.hf_files' checkpoint readers:
@@ -118,22 +112,10 @@ def write_random_llama_gguf(out: Path, dims, tokenizer_dir: Path, out_type: str 
 
 def prepare(work: Path) -> dict:
     """The encoder ONNX and the 7B f16 GGUF (no llama.cpp, no GPU needed)."""
-    from export.onnx_encoder import export_audio_encoder
-    from train.model import AudioEncoder
-    from train.official import load_official
-
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    official = artefacts.build_official(work / "enc" / "official", encoder_config(), log)
-    onnx_dir = work / "enc" / "onnx"
-    if not (onnx_dir / ENCODER_ONNX).is_file():
-        log("exporting the real-shape audio encoder to ONNX")
-        tmp = work / "enc" / "onnx.partial"
-        tmp.mkdir(parents=True, exist_ok=True)
-        model, config = load_official(official.ckpt, official.whisper, official.beats, official.llm, llm_weights=False)
-        export_audio_encoder(AudioEncoder(model), config, tmp / ENCODER_ONNX)
-        del model
-        os.replace(tmp, onnx_dir)
+    _, onnx_path = artefacts.real_shape_encoder(work, log)
+    onnx_dir = onnx_path.parent
     t1 = time.perf_counter()
     log("writing the random 7B f16 GGUF")
     llm7 = artefacts.bench_config("7b").llm
@@ -255,7 +237,7 @@ def encoder(work: Path, official_dir: Path, clip: Path, device: str, repeats: in
         onnx_path = work / "enc" / "onnx" / ENCODER_ONNX
         official = artefacts.OfficialPaths(official_dir / "salmonn.pth", official_dir / "whisper",
                                            official_dir / "beats.pt", official_dir / "vicuna")
-        config = encoder_config()
+        config = artefacts.encoder_config()
     wave, _ = audio.fit_to_chunk(audio.load_audio(clip, config.sample_rate), config.sample_rate,
                                  config.min_seconds, config.max_seconds)
     mel, fbank = encoder_inputs(wave, config)
