@@ -40,6 +40,8 @@ FLOAT_RANGES = {
     "second_stride": (0.0, MAX_WINDOW_SECONDS, False),
     "lora.dropout": (0.0, 1.0, True),
 }
+# How the audio encoder's weights are stored (export/encoder_quant.py); manifests without the key are fp32.
+ENCODER_QUANTS = ("fp32", "int8")
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Manifest:
     # The training tasks (the official annotation names: "asr", "translation", "audiocaption", "QA", ...)
     # the model learned; None = every task of the official SALMONN (its exports, and manifests without the key).
     tasks: tuple[str, ...] | None = None
+    # fp32 (the exported graph) or int8 (its linear layers quantized by ONNX Runtime)
+    encoder_quant: str = "fp32"
 
     def path(self, name: str) -> Path:
         return self.model_dir / name
@@ -86,15 +90,15 @@ def sha256_of(path: Path) -> str:
 
 def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: str,
                   model_dir: Path, extra: dict | None = None, default_beams: int = 1,
-                  tasks: list[str] | None = None) -> dict:
+                  tasks: list[str] | None = None, encoder_quant: str = "fp32") -> dict:
     """The manifest for the files already written in `model_dir` (hashes computed here); `tasks`: the
     training tasks of a model that learned only some of the official SALMONN's (None: all of them)."""
     _check_beams(default_beams)
+    _check_encoder_quant(encoder_quant)
     names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-    files = {n: {"sha256": sha256_of(model_dir / n), "size": (model_dir / n).stat().st_size}
-             for n in names}
+    files = {n: file_entry(model_dir / n) for n in names}
     d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-         "audio_encoder": audio_encoder, "llm": llm, "quant": quant,
+         "audio_encoder": audio_encoder, "encoder_quant": encoder_quant, "llm": llm, "quant": quant,
          "config": config.to_dict(), "files": files, "decoding": {"beams": default_beams}}
     if tasks is not None:
         d["tasks"] = list(_checked_tasks(tasks))
@@ -131,7 +135,8 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> Manifest
                             quant=str(d["quant"]), files=dict(d["files"]),
                             lora_adapter=_optional_name(d, "lora_adapter"),
                             default_beams=_default_beams(d),
-                            tasks=_checked_tasks(d["tasks"]) if "tasks" in d else None)
+                            tasks=_checked_tasks(d["tasks"]) if "tasks" in d else None,
+                            encoder_quant=_check_encoder_quant(d.get("encoder_quant", "fp32")))
         check_files(manifest)
         check_config(manifest.config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -260,6 +265,17 @@ def _checked_tasks(tasks) -> tuple[str, ...]:
     if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a list of task names, not {tasks!r}")
     return tuple(tasks)
+
+
+def _check_encoder_quant(encoder_quant) -> str:
+    if encoder_quant not in ENCODER_QUANTS:
+        raise ValueError(f"encoder_quant must be one of {', '.join(ENCODER_QUANTS)}, not {encoder_quant!r}")
+    return encoder_quant
+
+
+def file_entry(path: Path) -> dict:
+    """The manifest's record of one file: its sha256 and size."""
+    return {"sha256": sha256_of(path), "size": path.stat().st_size}
 
 
 def _check_beams(beams) -> None:

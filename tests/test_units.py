@@ -110,6 +110,19 @@ def test_manifest_round_trip_and_integrity(tmp_path, monkeypatch):
         load_manifest(tmp_path / "m")
 
 
+def test_manifest_encoder_quant_defaults_to_fp32(tmp_path):
+    model = _model_dir(tmp_path / "m")
+    d = json.loads((model / "salmonn.json").read_text())
+    assert d["encoder_quant"] == "fp32"
+    del d["encoder_quant"]                 # manifests written before the int8 encoder existed
+    (model / "salmonn.json").write_text(json.dumps(d))
+    assert load_manifest(model, verify=False).encoder_quant == "fp32"
+    for bad in ("int4", None, ["int8"]):
+        (model / "salmonn.json").write_text(json.dumps({**d, "encoder_quant": bad}))
+        with pytest.raises(ModelError, match="malformed"):
+            load_manifest(model, verify=False)
+
+
 def test_manifest_records_the_training_tasks_and_none_means_all(tmp_path):
     from salmonn_cli.transcribe import check_trained_for
 
