@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def export(
-    out: Path = typer.Option(..., "--out", "-o", help="Model directory to create."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model directory to create."),
     official_ckpt: Optional[Path] = typer.Option(None, "--official-ckpt", help="Official checkpoint "
                                                  "(salmonn_v1.pth / salmonn_7b_v0.pth)."),
     whisper: Optional[Path] = typer.Option(None, "--whisper", help="Whisper: an HF directory (whisper-large-v2) or a CTranslate2 model directory / model.bin."),
@@ -32,11 +32,28 @@ def export(
                                                 help="Q-Former attention heads [default: hidden/64]."),
     default_beams: int = typer.Option(1, "--default-beams", min=1, max=MAX_BEAMS, help="The decoding written into the "
                                       "manifest: what ask and transcribe use without --beams (1 = greedy; 4 = the official)."),
+    encoder_quant: Optional[str] = typer.Option(None, "--encoder-quant", help="The audio encoder: fp32 or int8 "
+                                                "(faster, less exact: README) [default: fp32]."),
+    requantize_encoder: Optional[Path] = typer.Option(None, "--requantize-encoder", help="Instead of exporting: "
+                                                      "switch this model directory's audio encoder to --encoder-quant."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Convert a SALMONN checkpoint into an ONNX audio encoder + GGUF LLM model directory."""
     from export.export import export_model
     from train.official import checkpoint_sources
+
+    if requantize_encoder is not None:
+        from export.requantize_encoder import requantize_encoder as requantize
+
+        if out or checkpoint or official_ckpt:
+            raise SalmonnError("--requantize-encoder changes a model directory in place: give it with "
+                               "--encoder-quant only, without --out or a checkpoint")
+        if encoder_quant is None:
+            raise SalmonnError("--requantize-encoder needs --encoder-quant (fp32 or int8)")
+        requantize(requantize_encoder, encoder_quant, log=lambda m: print(m, file=sys.stderr))
+        return
+    if out is None:
+        raise SalmonnError("give --out, the model directory to create")
 
     if checkpoint and official_ckpt:
         raise SalmonnError("give either --checkpoint or --official-ckpt, not both")
@@ -56,7 +73,8 @@ def export(
     else:
         raise SalmonnError("give --official-ckpt (with --whisper, --beats, --llm) or --checkpoint")
     export_model(ckpt=ckpt, whisper=whisper, beats=beats, llm=llm, out=out, quant=quant, force=force,
-                 qformer_heads=qformer_heads, default_beams=default_beams, log=lambda m: print(m, file=sys.stderr))
+                 qformer_heads=qformer_heads, default_beams=default_beams, encoder_quant=encoder_quant or "fp32",
+                 log=lambda m: print(m, file=sys.stderr))
 
 
 if __name__ == "__main__":

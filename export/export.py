@@ -1,7 +1,8 @@
 """`salmonn export`: a trained SALMONN checkpoint -> a model directory the runtime can load.
 
     out/
-      audio_encoder.onnx   Whisper + BEATs + fusion + window Q-Former + projection
+      audio_encoder.onnx   Whisper + BEATs + fusion + window Q-Former + projection, fp32
+                           (audio_encoder-int8.onnx instead with --encoder-quant int8)
       llm-<quant>.gguf     LLaMA with the LoRA merged, tokenizer included, quantized by llama.cpp
       lora-adapter.gguf    the same LoRA as an f32 llama.cpp adapter, for `--lora-scale`
       salmonn.json         the manifest: config, file names, sha256 of every file
@@ -21,7 +22,6 @@ from pathlib import Path
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import MANIFEST_NAME, manifest_dict
 
-AUDIO_ENCODER_FILE = "audio_encoder.onnx"
 LORA_ADAPTER_FILE = "lora-adapter.gguf"
 
 
@@ -78,9 +78,13 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 
 def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,
                  force: bool = False, qformer_heads: int | None = None, default_beams: int = 1,
-                 tasks: list[str] | None = None, log=print) -> Path:
+                 tasks: list[str] | None = None, encoder_quant: str = "fp32", log=print) -> Path:
+    """`encoder_quant`: fp32 (the exported graph) or int8 (export/encoder_quant.py; the fp32 file is
+    not kept). int8 is not the default: it misses the audio-token quality bar on salmonn-nano's trained
+    weights (BENCHMARKS.md, "int8 audio encoder")."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from export.encoder_quant import ENCODER_QUANTS, FP32_ENCODER_FILE, encoder_file_name, quantize_encoder
     from export.gguf import official_lora_pairs, write_llama_gguf, write_lora_adapter_gguf
     from export.onnx_encoder import export_audio_encoder
     from export.quantize import QUANT_TYPES, quantize_gguf
@@ -89,6 +93,8 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
 
     if quant not in QUANT_TYPES:
         raise SalmonnError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if encoder_quant not in ENCODER_QUANTS:
+        raise SalmonnError(f"unknown encoder quantization {encoder_quant!r}; choose one of {', '.join(ENCODER_QUANTS)}")
     for label, path in (("checkpoint", ckpt), ("Whisper directory", whisper),
                         ("BEATs checkpoint", beats), ("LLM directory", llm)):
         if not Path(path).exists():
@@ -105,9 +111,13 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
         model, config = load_official(ckpt, whisper, beats, llm, qformer_heads=qformer_heads,
                                       llm_weights=False)   # the GGUF writer reads the LLM itself
         progress.update(step, description="exporting the audio encoder to ONNX")
-        export_audio_encoder(AudioEncoder(model), config, tmp / AUDIO_ENCODER_FILE)
+        export_audio_encoder(AudioEncoder(model), config, tmp / FP32_ENCODER_FILE)
         lora = official_lora_pairs(model.trainable_state_dict())
         del model
+        if encoder_quant != "fp32":
+            progress.update(step, description=f"quantizing the audio encoder to {encoder_quant}")
+            quantize_encoder(tmp / FP32_ENCODER_FILE, tmp / encoder_file_name(encoder_quant))
+            remove_onnx(tmp / FP32_ENCODER_FILE)
         progress.remove_task(step)
 
         gguf_type = "f32" if quant == "f32" else "f16"
@@ -129,15 +139,21 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
             unquantized.unlink()
             progress.remove_task(q)
 
-        manifest = manifest_dict(config, AUDIO_ENCODER_FILE, llm_file_name(quant), quant, tmp,
+        manifest = manifest_dict(config, encoder_file_name(encoder_quant), llm_file_name(quant), quant, tmp,
                                  extra={"lora_adapter": LORA_ADAPTER_FILE,
                                         "source": {"checkpoint": Path(ckpt).name,
                                                    "lora_scale": config.lora.scale}},
-                                 default_beams=default_beams, tasks=tasks)
+                                 default_beams=default_beams, tasks=tasks, encoder_quant=encoder_quant)
         _write_json(tmp / MANIFEST_NAME, manifest)
         publish(tmp, out, force)
-    log(f"exported {out} ({quant}) in {time.time() - started:.1f} s")
+    log(f"exported {out} ({quant}, {encoder_quant} audio encoder) in {time.time() - started:.1f} s")
     return out
+
+
+def remove_onnx(path: Path) -> None:
+    """An ONNX graph and its external weights file (`<name>.data`, export/onnx_encoder.py)."""
+    path.unlink()
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -58,11 +58,11 @@ def salmonn(*args, env=None, timeout=600, input=None):
                           timeout=timeout, input=input)
 
 
-def export_fixture(out, quant):
+def export_fixture(out, quant, *extra):
     """`salmonn export` of the official-tiny fixture into `out`."""
     r = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth",
                 "--whisper", OFFICIAL_TINY / "whisper", "--beats", OFFICIAL_TINY / "beats.pt",
-                "--llm", OFFICIAL_TINY / "vicuna", "--quant", quant, "--out", out)
+                "--llm", OFFICIAL_TINY / "vicuna", "--quant", quant, "--out", out, *extra)
     assert r.returncode == 0, r.stderr
     return out
 

@@ -1,0 +1,143 @@
+"""The int8 audio encoder (export/encoder_quant.py) on the official-tiny fixture: exported with
+`--encoder-quant int8`, made from an existing directory's fp32 encoder by `salmonn export
+--requantize-encoder`, recorded in the manifest with its sha256, and answering like the fp32 encoder.
+
+Measured on the fixture (f32 LLM, exact attention): the 8 greedy tokens of all three reference inputs are
+the official ones with the int8 encoder too; its audio embeddings against fp32 have cosine 0.99983 (each
+input) and max |Δ| 0.044-0.047 (values up to 1.9). Quality on real shapes and on salmonn-nano's trained weights:
+benchmarks/encoder_int8.py and BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import OFFICIAL_TINY, REFERENCE_INPUTS, export_fixture, salmonn
+from salmonn_cli import audio
+from salmonn_cli.encoder import AudioEncoder
+from salmonn_cli.manifest import load_manifest, sha256_of
+from salmonn_cli.pipeline import encoder_inputs
+from test_cli import ask_json, one_line_error
+
+INT8_FILE = "audio_encoder-int8.onnx"
+FP32_FILE = "audio_encoder.onnx"
+MIN_COSINE = 0.9995         # int8 vs fp32 audio embeddings on the fixture's inputs (measured 0.99983)
+
+
+@pytest.fixture(scope="module")
+def model_q8_int8(tmp_path_factory):
+    return export_fixture(tmp_path_factory.mktemp("int8") / "tiny-q8_0-int8", "q8_0", "--encoder-quant", "int8")
+
+
+@pytest.fixture(scope="module")
+def model_int8(model_f32, tmp_path_factory):
+    """The f32 export with its encoder requantized to int8 (the f32 LLM keeps the official tokens exact)."""
+    model = shutil.copytree(model_f32, tmp_path_factory.mktemp("int8") / "tiny-f32-int8")
+    r = salmonn("export", "--requantize-encoder", model, "--encoder-quant", "int8")
+    assert r.returncode == 0, r.stderr
+    assert "fp32 -> int8" in r.stderr
+    return model
+
+
+def test_int8_export_records_the_int8_encoder_and_answers(model_q8_int8, reference):
+    manifest = json.loads((model_q8_int8 / "salmonn.json").read_text())
+    assert manifest["audio_encoder"] == INT8_FILE and manifest["encoder_quant"] == "int8"
+    assert set(manifest["files"]) == {INT8_FILE, "llm-q8_0.gguf", "lora-adapter.gguf"}
+    assert manifest["files"][INT8_FILE]["sha256"] == sha256_of(model_q8_int8 / INT8_FILE)
+    assert not (model_q8_int8 / FP32_FILE).exists()
+    for name, wav in REFERENCE_INPUTS.items():
+        # what tests/test_cli.py asserts of the q8_0 export with the fp32 encoder
+        out = ask_json(model_q8_int8, OFFICIAL_TINY / wav, "--truncate")
+        assert out["tokens"][0] == reference[f"{name}.greedy_ids"][0, 1]
+
+
+def test_exports_default_to_the_fp32_encoder(model_f32, model_q8):
+    for model in (model_f32, model_q8):
+        manifest = json.loads((model / "salmonn.json").read_text())
+        assert manifest["audio_encoder"] == FP32_FILE and manifest["encoder_quant"] == "fp32"
+
+
+def test_requantize_adds_the_int8_encoder_and_keeps_the_fp32_one(model_f32, model_int8):
+    before = json.loads((model_f32 / "salmonn.json").read_text())
+    after = json.loads((model_int8 / "salmonn.json").read_text())
+    assert after["audio_encoder"] == INT8_FILE and after["encoder_quant"] == "int8"
+    assert after["files"][INT8_FILE]["sha256"] == sha256_of(model_int8 / INT8_FILE)
+    assert {k: v for k, v in after["files"].items() if k != INT8_FILE} == before["files"]
+    assert {k: v for k, v in after.items() if k not in ("files", "audio_encoder", "encoder_quant")} == \
+        {k: v for k, v in before.items() if k not in ("files", "audio_encoder", "encoder_quant")}
+    assert not [p.name for p in model_int8.iterdir() if p.name.startswith(".")]
+    assert load_manifest(model_int8).encoder_quant == "int8"
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_INPUTS))
+def test_int8_encoder_keeps_the_official_greedy_tokens(model_int8, reference, name):
+    out = ask_json(model_int8, OFFICIAL_TINY / REFERENCE_INPUTS[name], "--truncate")
+    assert out["tokens"] == reference[f"{name}.greedy_ids"][0, 1:].tolist()
+
+
+def test_int8_audio_embeddings_are_close_to_fp32(model_int8):
+    manifest = load_manifest(model_int8)
+    config = manifest.config
+    fp32 = AudioEncoder(manifest.path(FP32_FILE), n_threads=1, device="cpu")
+    int8 = AudioEncoder(manifest.path(INT8_FILE), n_threads=1, device="cpu")
+    for wav in REFERENCE_INPUTS.values():
+        wave, _ = audio.fit_to_window(audio.load_audio(OFFICIAL_TINY / wav, config.sample_rate),
+                                      config.sample_rate, config.min_seconds, config.max_seconds)
+        mel, fbank = encoder_inputs(wave, config)
+        a, b = fp32(mel, fbank).ravel(), int8(mel, fbank).ravel()
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= MIN_COSINE, wav
+
+
+def test_requantize_back_to_fp32_and_again_is_a_manifest_change(model_int8, tmp_path):
+    model = shutil.copytree(model_int8, tmp_path / "m")
+    int8_sha = sha256_of(model / INT8_FILE)
+    r = salmonn("export", "--requantize-encoder", model, "--encoder-quant", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(model).audio_encoder == FP32_FILE
+    r = salmonn("export", "--requantize-encoder", model, "--encoder-quant", "int8")
+    assert r.returncode == 0, r.stderr
+    assert load_manifest(model).audio_encoder == INT8_FILE and sha256_of(model / INT8_FILE) == int8_sha
+    r = salmonn("export", "--requantize-encoder", model, "--encoder-quant", "int8")
+    assert r.returncode == 0 and "already int8" in r.stderr
+
+
+def test_tampered_int8_encoder_is_rejected(model_int8, tmp_path):
+    broken = shutil.copytree(model_int8, tmp_path / "m")
+    onnx_file = broken / INT8_FILE
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    line = one_line_error(salmonn("ask", OFFICIAL_TINY / "speech_2p5s.wav", "Hi", "--model", broken,
+                                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+    assert "sha256" in line and INT8_FILE in line
+    # requantizing checks the files first too, and leaves the directory as it was
+    manifest = (broken / "salmonn.json").read_text()
+    line = one_line_error(salmonn("export", "--requantize-encoder", broken, "--encoder-quant", "fp32",
+                                  env={"XDG_CACHE_HOME": str(tmp_path / "cache")}))
+    assert "sha256" in line
+    assert (broken / "salmonn.json").read_text() == manifest
+
+
+def test_requantize_errors(model_q8, model_q8_int8, tmp_path):
+    line = one_line_error(salmonn("export", "--requantize-encoder", model_q8_int8, "--encoder-quant", "fp32"))
+    assert "no fp32 audio encoder" in line
+    line = one_line_error(salmonn("export", "--requantize-encoder", model_q8, "--encoder-quant", "int4"))
+    assert "unknown encoder quantization 'int4'" in line
+    line = one_line_error(salmonn("export", "--requantize-encoder", model_q8))
+    assert "needs --encoder-quant" in line
+    line = one_line_error(salmonn("export", "--requantize-encoder", tmp_path / "none", "--encoder-quant", "int8"))
+    assert "not found" in line
+    line = one_line_error(salmonn("export", "--requantize-encoder", model_q8, "--encoder-quant", "int8",
+                                  "--out", tmp_path / "x"))
+    assert "in place" in line
+
+
+def test_unknown_encoder_quant_in_the_manifest_is_malformed(model_int8, tmp_path):
+    model = shutil.copytree(model_int8, tmp_path / "m")
+    d = json.loads((model / "salmonn.json").read_text())
+    (model / "salmonn.json").write_text(json.dumps({**d, "encoder_quant": "int3"}))
+    line = one_line_error(salmonn("ask", OFFICIAL_TINY / "speech_2p5s.wav", "Hi", "--model", model))
+    assert "malformed" in line and "encoder_quant" in line
