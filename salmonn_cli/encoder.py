@@ -15,6 +15,22 @@ INPUT_FBANK = "fbank"
 OUTPUT_EMBEDS = "audio_embeds"
 
 
+def session_options(n_threads: int):
+    """ONNX Runtime's settings for the encoder (benchmarks/encoder_int8.py measures the alternatives):
+    all graph optimizations (ORT's default level) and pre-packed weights (its default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = n_threads
+    options.inter_op_num_threads = 1
+    # The fbank length changes with every clip; ORT's CPU arena and memory patterns keep every
+    # size they have seen, growing over a long transcription, so allocate per call.
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3
+    return options
+
+
 class AudioEncoder:
     """`device`: auto (CUDA where its provider loads), cpu, or cuda (DeviceError without it).
     `provider` is the provider the session really runs on."""
@@ -24,14 +40,7 @@ class AudioEncoder:
 
         providers = encoder_providers(device)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = n_threads
-        options.inter_op_num_threads = 1
-        # The fbank length changes with every clip; ORT's CPU arena and memory patterns keep every
-        # size they have seen, growing over a long transcription, so allocate per call.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        options.log_severity_level = 3
+        options = session_options(n_threads)
         # A CUDA provider that fails to load is logged by ORT, which then runs on the CPU: `provider`
         # reports that, and --device cuda turns it into an error below.
         if not os.environ.get(DEBUG_ENV):
