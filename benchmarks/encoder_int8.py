@@ -17,6 +17,7 @@ Sections:
   whisper  the Whisper large-v2 encoder alone: PyTorch eager fp32, ORT fp32, ORT int8, CTranslate2 int8
            (`ct2-transformers-converter --quantization int8` of the same HF folder, `Whisper.encode`)
   options  the int8 whole encoder under ONNX Runtime session options, each changed alone from the runtime's
+           (salmonn_cli/encoder.session_options), each timed in a pair with the runtime's settings
 """
 from __future__ import annotations
 
@@ -277,7 +278,6 @@ def _speed_rows(results: dict, reference: str) -> dict:
 # --- session options -------------------------------------------------------------------------------
 
 OPTION_VARIANTS = {
-    "runtime defaults": {},
     "graph optimization: basic": {"graph_optimization_level": "ORT_ENABLE_BASIC"},
     "graph optimization: extended": {"graph_optimization_level": "ORT_ENABLE_EXTENDED"},
     "graph optimization: layout only": {"graph_optimization_level": "ORT_ENABLE_LAYOUT"},
@@ -289,6 +289,8 @@ OPTION_VARIANTS = {
 
 
 def options(work: Path, threads: int, repeats: int) -> dict:
+    """Each change timed against the runtime's settings in its own interleaved pair (two int8 sessions
+    alive at a time, not nine)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -296,19 +298,23 @@ def options(work: Path, threads: int, repeats: int) -> dict:
     int8 = int8_file(fp32, work / "enc" / "onnx-int8" / "audio_encoder-int8.onnx")
     mel, fbank = clip_features(artefacts.encoder_config(), artefacts.make_clip(work, 30.0))
     feed = {"mel": mel[None].astype(np.float32), "fbank": fbank[None].astype(np.float32)}
-    engines, notes = {}, {}
+    baseline = session(int8, threads)
+    rows = {}
     for name, changes in OPTION_VARIANTS.items():
         changes = dict(changes)
-        path = int8
+        path, fused = int8, None
         if changes.pop("optimizer", None):
-            path, notes[name] = transformers_optimized(int8)
+            path, fused = transformers_optimized(int8)
         if "graph_optimization_level" in changes:
             changes["graph_optimization_level"] = getattr(ort.GraphOptimizationLevel, changes["graph_optimization_level"])
-        s = session(path, threads, **changes)
-        engines[name] = lambda s=s: s.run(None, feed)[0]
-    rows = _speed_rows(interleaved(engines, repeats), reference="runtime defaults")
-    for name, note in notes.items():
-        rows[name]["fused"] = note
+        variant = session(path, threads, **changes)
+        log(f"options: {name}")
+        pair = _speed_rows(interleaved({"runtime": lambda: baseline.run(None, feed)[0],
+                                        "changed": lambda: variant.run(None, feed)[0]}, repeats), reference="runtime")
+        del variant
+        rows[name] = {"median_s": pair["changed"]["median_s"], "runtime_median_s": pair["runtime"]["median_s"],
+                      "vs_runtime": pair["changed"]["vs_runtime"], "cosine_vs_runtime": pair["changed"]["cosine_vs_runtime"],
+                      **({"fused": fused} if fused else {})}
     return rows
 
 
@@ -335,8 +341,8 @@ def engines_table(rows: dict) -> str:
 
 
 def markdown(results: dict, m: dict, args) -> str:
-    lines = [f"`python benchmarks/encoder_int8.py --threads {args.threads} --repeats {args.repeats}` "
-             f"on {m['date']}, one process per section, engines alternating.", "",
+    command = " ".join(["python benchmarks/encoder_int8.py", *sys.argv[1:]])
+    lines = [f"`{command}` on {m['date']}, one process per section, engines alternating.", "",
              f"Machine: {m['cpu']} ({m['cpu_features']}), {m['cores']} cores, {m['ram_gib']:.1f} GiB; "
              f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average'])}. **Shared machine**: "
              "other jobs ran on the same two cores, so absolute seconds are inflated and noisy; the ratios come "
@@ -356,9 +362,9 @@ def markdown(results: dict, m: dict, args) -> str:
         lines += ["ONNX Runtime session options on the int8 whole encoder, each changed alone from the runtime's "
                   "(salmonn_cli/encoder.py: all graph optimizations, intra-op threads = --threads, no arena, "
                   "pre-packing on):", "",
-                  report.table(["change", "s per 30 s", "vs runtime", "cosine vs runtime"],
+                  report.table(["change", "s per 30 s", "runtime's s (same pair)", "vs runtime", "cosine vs runtime"],
                                [[k + (f" (fused: {v['fused']})" if v.get("fused") else ""), f"{v['median_s']:.2f}",
-                                 f"{v['vs_runtime_defaults']:.2f}x", f"{v['cosine_vs_runtime_defaults']:.6f}"]
+                                 f"{v['runtime_median_s']:.2f}", f"{v['vs_runtime']:.2f}x", f"{v['cosine_vs_runtime']:.6f}"]
                                 for k, v in r.items()]), ""]
     if "quality" in results:
         q = results["quality"]
