@@ -104,8 +104,8 @@ def clip_features(config, clip: Path):
     from salmonn_cli import audio
     from salmonn_cli.pipeline import encoder_inputs
 
-    wave, _ = audio.fit_to_window(audio.load_audio(clip, config.sample_rate), config.sample_rate,
-                                  config.min_seconds, config.max_seconds)
+    wave, _ = audio.fit_to_chunk(audio.load_audio(clip, config.sample_rate), config.sample_rate,
+                                 config.min_seconds, config.max_seconds)
     return encoder_inputs(wave, config)
 
 

@@ -104,7 +104,5 @@ def _quiet(fn):
 def _save_one_file(model, dst: Path) -> None:
     """One self-contained file (the int8 weights of a Whisper large-v2-shaped encoder stay under
     protobuf's 2 GiB), written under a temporary name and renamed."""
-    import onnx
-
     with atomic_file(dst) as f:
-        onnx.save(model, f)
+        f.write(model.SerializeToString())
