@@ -13,7 +13,7 @@ import typer
 
 from salmonn_cli import stdout_guard
 from salmonn_cli.beams import MAX_BEAMS
-from salmonn_cli.errors import DEBUG_ENV, OutputError, ReportedError, SalmonnError, quoted
+from salmonn_cli.errors import DEBUG_ENV, INTERRUPTED, OutputError, ReportedError, SalmonnError, quoted
 
 app = typer.Typer(
     add_completion=False,
@@ -22,7 +22,6 @@ app = typer.Typer(
     help="Ask questions about audio on your own machine (SALMONN: Whisper + BEATs + a LLaMA LLM).",
 )
 
-INTERRUPTED = 130   # exit code after Ctrl-C, as shells report SIGINT
 BROKEN_PIPE = 128 + signal.SIGPIPE   # stdout's reader went away: what a shell reports for SIGPIPE
 
 

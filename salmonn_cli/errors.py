@@ -6,6 +6,7 @@ import os
 
 # Set (to anything) for tracebacks and native libraries' own diagnostics instead of one-line errors.
 DEBUG_ENV = "SALMONN_DEBUG"
+INTERRUPTED = 130   # exit code after Ctrl-C, as shells report SIGINT
 
 
 class SalmonnError(Exception):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from typing import NoReturn
 
-from salmonn_cli.errors import ReportedError, SalmonnError
+from salmonn_cli.errors import INTERRUPTED, ReportedError, SalmonnError
 
 # what export and the default model's build import (pyproject's `train` extra), checked before starting
 TRAINING_MODULES = ("export", "torch", "transformers", "safetensors", "gguf", "onnx")
@@ -44,7 +44,10 @@ def run_module(module: str, args, what: str) -> None:
     try:
         code = child.wait()
     except KeyboardInterrupt:
-        child.wait()        # it got the same Ctrl-C: let it clean up after itself first
+        # it got the same Ctrl-C: let it clean up after itself first; if it said "interrupted" (its exit
+        # code says so), that line stands for both
+        if child.wait() == INTERRUPTED:
+            raise ReportedError(f"{what} interrupted", exit_code=INTERRUPTED) from None
         raise
     if code < 0:
         raise SalmonnError(f"{what} was stopped by signal {-code}")

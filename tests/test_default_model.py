@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from salmonn_cli.default_model import (BUILT_FROM_FILE, NANO_DATA_DIR, WEIGHTS_F
 from salmonn_cli.errors import ModelError
 from salmonn_cli.manifest import sha256_of
 
+from conftest import default_sigint
 from test_nano_recipe import needs_base_models
 from test_reliability import assert_one_line_error
 
@@ -92,3 +94,37 @@ def test_ask_without_model_builds_nano_once_into_the_cache(tmp_path):
                              cwd=REPO, env=env, capture_output=True, timeout=300)
     assert_one_line_error(refused, "not trained to translate", "--official-ckpt")
     assert refused.stdout == b""
+
+
+CHILD_THAT_REPORTS_CTRL_C = """
+import sys, time
+try:
+    print("ready", flush=True)
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("salmonn: interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_during_the_build_is_reported_once(tmp_path):
+    """Ctrl-C reaches the whole process group: the build (a child program of our own) says
+    "interrupted" and exits 130; the CLI passes the code on without a second line."""
+    (tmp_path / "reporting_child.py").write_text(CHILD_THAT_REPORTS_CTRL_C)
+    parent = ("import sys\n"
+              "from salmonn_cli.cli import run\n"
+              "import typer\n"
+              "app = typer.Typer()\n"
+              "@app.command()\n"
+              "def build():\n"
+              "    from salmonn_cli.training_side import run_module\n"
+              "    run_module('reporting_child', [], 'the build')\n"
+              "sys.exit(run(app))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = subprocess.Popen([sys.executable, "-c", parent], stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, preexec_fn=default_sigint)
+    assert proc.stderr.readline().strip() == "ready"     # the child's stdout goes to our stderr
+    os.killpg(proc.pid, signal.SIGINT)                    # as a terminal's Ctrl-C does
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert rest.count("interrupted") == 1, rest
