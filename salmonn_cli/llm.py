@@ -118,6 +118,7 @@ class LlamaModel:
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._n_past = 0
+        self.resets = 0             # how often the cache was cleared: what a caller cached is gone
 
     # --- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -262,6 +263,7 @@ class LlamaModel:
         """Forget everything decoded so far (clears the KV cache)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
+        self.resets += 1
 
     # --- several sequences (beam search) ----------------------------------------------------------
     # These work on any sequence and leave `n_past` (sequence 0's counter) alone: callers that
@@ -351,32 +353,44 @@ class LlamaModel:
 class BeamSequences:
     """Keeps each live beam's KV cache in its own llama.cpp sequence while beams split and die.
 
-    The prompt is decoded once on sequence 0. Two banks of `num_beams` sequence ids are used in
-    turn: each step copies every new beam's parent into the idle bank (cells are shared, so this
-    costs no compute), drops the old bank, and decodes one token per new beam in a single batch.
-    Needs `llm.n_seq_max >= 2 * num_beams`.
+    The prompt is decoded once on sequence 0, which keeps it: a next question about the same audio
+    continues from there (`release` frees the beams' own cells). Two banks of `num_beams` sequence
+    ids after it are used in turn: each step copies every new beam's parent into the idle bank
+    (cells are shared, so this costs no compute), drops the old bank, and decodes one token per new
+    beam in a single batch. Needs `llm.n_seq_max >= 2 * num_beams + 1`.
     """
 
     def __init__(self, llm: LlamaModel, num_beams: int, next_pos: int):
-        if llm.n_seq_max < 2 * num_beams:
-            raise ValueError(f"{num_beams} beams need a context with n_seq_max >= {2 * num_beams}")
+        if llm.n_seq_max < sequences_for_beams(num_beams):
+            raise ValueError(f"{num_beams} beams need a context with n_seq_max >= {sequences_for_beams(num_beams)}")
         self.llm = llm
         self.num_beams = num_beams
         self.next_pos = next_pos            # where the beams' next tokens go
         self.live = [SEQ_ID]                # sequence id of each live beam
-        self.bank = 0                       # bank of `live`; bank b holds ids b*N .. b*N+N-1
+        self.bank = 0                       # bank of `live`; bank b holds ids 1+b*N .. b*N+N
 
     def advance(self, parents: list[int], tokens: list[int]) -> np.ndarray:
         """New beam i = live beam `parents[i]` + `tokens[i]`; returns (len(tokens), n_vocab) logits."""
         if not tokens or len(parents) != len(tokens) or len(tokens) > self.num_beams:
             raise ValueError(f"need 1..{self.num_beams} (parent, token) pairs")
         self.bank = 1 - self.bank
-        new = [self.bank * self.num_beams + i for i in range(len(tokens))]
+        new = [1 + self.bank * self.num_beams + i for i in range(len(tokens))]
         for seq_id, parent in zip(new, parents):
             self.llm.copy_sequence(self.live[parent], seq_id)
-        for seq_id in self.live:
-            self.llm.remove_sequence(seq_id)
+        self.release()
         self.live = new
         logits = self.llm.decode_batch(tokens, new, [self.next_pos] * len(tokens))
         self.next_pos += 1
         return logits
+
+    def release(self) -> None:
+        """Drop the live beams; sequence 0 keeps the prompt."""
+        for seq_id in self.live:
+            if seq_id != SEQ_ID:
+                self.llm.remove_sequence(seq_id)
+        self.live = [SEQ_ID]
+
+
+def sequences_for_beams(num_beams: int) -> int:
+    """llama.cpp sequences a context needs for beam search: the prompt's, and two banks of beams."""
+    return 2 * num_beams + 1 if num_beams > 1 else 1

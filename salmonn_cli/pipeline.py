@@ -17,7 +17,7 @@ from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offload
                                 why_cpu)
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.errors import ModelError, SalmonnError, quoted
-from salmonn_cli.llm import BeamSequences, LlamaModel
+from salmonn_cli.llm import BeamSequences, LlamaModel, sequences_for_beams
 from salmonn_cli.manifest import Manifest, load_manifest
 from salmonn_cli.prompt import build_prompt
 from salmonn_cli.trim import audio_token_count, clip_fbank_frames, mel_frame_count
@@ -48,6 +48,20 @@ class RuntimeOptions:
 
 
 @dataclass
+class CachedPrompt:
+    """What sequence 0 of the LLM's KV cache holds: BOS, `ids_before`, the audio `embeds`, then
+    `ids_after` (the tokens after the audio, as far as they are in the cache)."""
+    embeds: np.ndarray
+    ids_before: list[int]
+    ids_after: list[int]
+    resets: int               # the LLM's reset count when this was decoded
+
+    @property
+    def audio_end(self) -> int:
+        return 1 + len(self.ids_before) + len(self.embeds)
+
+
+@dataclass
 class Answer:
     text: str
     tokens: list[int]
@@ -60,10 +74,12 @@ class Answer:
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "stop_reason": self.stop_reason}
 
-    def timings(self, encode_s: float) -> dict:
-        """Where the time went, `encode_s` being the audio's reading, features and encoder."""
+    def timings(self, encode_s: float | None = None) -> dict:
+        """Where the time went, `encode_s` being the audio's reading, features and encoder (left out
+        when None: answers that share one file's audio)."""
         n = len(self.tokens)
-        return {"encode_s": round(encode_s, 4), "prefill_s": round(self.prefill_s, 4),
+        encode = {} if encode_s is None else {"encode_s": round(encode_s, 4)}
+        return {**encode, "prefill_s": round(self.prefill_s, 4),
                 "decode_s": round(self.decode_s, 4),
                 "decode_tokens_per_s": round(n / self.decode_s, 2) if n and self.decode_s > 0 else None}
 
@@ -118,7 +134,7 @@ class Pipeline:
         self.llm = LlamaModel(self.manifest.path(self.manifest.llm), n_ctx=n_ctx,
                               n_threads=options.n_threads, n_gpu_layers=gpu_layers,
                               exact=self.manifest.exact_attention,
-                              n_seq_max=2 * beams if beams > 1 else 1)
+                              n_seq_max=sequences_for_beams(beams))
         self.placement = Placement(self.encoder.provider, offloaded_layers(gpu_layers, self.llm.n_layer),
                                    self.llm.n_layer + 1,
                                    why_cpu(options.device, self.encoder.provider, options.n_gpu_layers, gpu_layers))
@@ -127,6 +143,7 @@ class Pipeline:
                              f"audio encoder's {self.config.llm.hidden_size}")
         # Rows beyond the tokenizer (e.g. the official [PAD] row) must never be produced.
         self.suppress = SuppressTokens(range(self.config.llm.vocab_size, self.llm.n_vocab))
+        self.cached: CachedPrompt | None = None
         self._adapter_loaded = False
         self.use_lora_scale(options.lora_scale)
 
@@ -180,29 +197,67 @@ class Pipeline:
 
     # --- text ------------------------------------------------------------------------------
     def answer(self, embeds: np.ndarray, instruction: str, decoding: DecodingOptions | None = None,
-               on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None) -> Answer:
+               on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None, *,
+               reuse_audio: bool = False) -> Answer:
         """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden),
         decoded as `decoding` says (None: `self.decoding`; beams None: `self.decoding`'s). `stop` is
         checked after each token of each sequence (`decoding.RepetitionGuard`, a cancel check). More
         than one beam runs beam search (transformers 4.28 semantics, as the official model); its text
-        comes through `on_text` when the search ends."""
+        comes through `on_text` when the search ends. `reuse_audio`: see `answer_ids`."""
+        prompt = build_prompt(self.config, instruction, self.llm.tokenize)
+        return self.answer_ids(embeds, prompt.ids_before, prompt.ids_after, decoding, on_text, stop,
+                               reuse_audio=reuse_audio)
+
+    def answer_ids(self, embeds: np.ndarray, ids_before: list[int], ids_after: list[int],
+                   decoding: DecodingOptions | None = None, on_text: Callable[[str], None] | None = None,
+                   stop: StopCheck | None = None, *, reuse_audio: bool = False) -> Answer:
+        """`answer` for a prompt already cut and tokenized: BOS, `ids_before`, the audio, `ids_after`.
+
+        `reuse_audio`: when the KV cache still holds BOS, `ids_before` and these embeddings (the last
+        answer was about the same audio), they are not decoded again; only `ids_after` is, continuing
+        from the cached tokens after the audio when `ids_after` extends them (a chat's earlier turns),
+        else right after the audio. The tokens decoded are the same, so is the answer."""
         if decoding is None:
             decoding = self.decoding
         else:       # beams None: self.decoding's, whose beams it may not pass
             decoding = verify_options(decoding, default_beams=self.decoding.beams, max_beams=self.decoding.beams)
         llm = self.llm
-        prompt = build_prompt(self.config, instruction, llm.tokenize)
-        n_prompt = 1 + len(prompt.ids_before) + len(embeds) + len(prompt.ids_after)
+        n_prompt = 1 + len(ids_before) + len(embeds) + len(ids_after)
         if n_prompt >= llm.n_ctx:
             raise SalmonnError(f"the prompt needs {n_prompt} tokens with the audio, more than the "
                                f"context of {llm.n_ctx}; shorten the prompt")
-        llm.reset()
+        kept = self._cached_after(embeds, ids_before, ids_after) if reuse_audio else None
+        self.cached = None          # until this answer is through: an interrupted one leaves it unknown
         t0 = time.perf_counter()
-        llm.decode_tokens([llm.bos_id] + prompt.ids_before)
-        llm.decode_embeddings(embeds)
-        logits = llm.decode_tokens(prompt.ids_after)
+        if kept is None:
+            llm.reset()
+            llm.decode_tokens([llm.bos_id] + ids_before)
+            llm.decode_embeddings(embeds)
+            kept = 0
+        audio_end = n_prompt - len(ids_after)
+        logits = llm.decode_tokens(ids_after[kept:], start_pos=audio_end + kept)
         t1 = time.perf_counter()
+        tokens, stop_reason, text = self._generate(logits, decoding, n_prompt, on_text, stop)
+        # sequence 0 holds the prompt and, with one beam, the answer's tokens as far as they were fed back
+        self.cached = CachedPrompt(embeds, list(ids_before), (list(ids_after) + tokens)[:llm.n_past - audio_end],
+                                   llm.resets)
+        return Answer(text, tokens, stop_reason, n_prompt, t1 - t0, time.perf_counter() - t1, decoding.beams)
 
+    def _cached_after(self, embeds: np.ndarray, ids_before: list[int], ids_after: list[int]) -> int | None:
+        """How many of `ids_after` the KV cache already holds after these very audio embeddings (at
+        most all but one: the last prompt token's logits are needed), or None: decode all again."""
+        c = self.cached
+        if (c is None or c.resets != self.llm.resets or c.ids_before != ids_before
+                or self.llm.n_past != c.audio_end + len(c.ids_after)
+                or not (c.embeds is embeds or np.array_equal(c.embeds, embeds))):
+            return None
+        n = len(c.ids_after)
+        return n if n < len(ids_after) and ids_after[:n] == c.ids_after else 0
+
+    def _generate(self, logits: np.ndarray, decoding: DecodingOptions, n_prompt: int,
+                  on_text: Callable[[str], None] | None, stop: StopCheck | None) -> tuple[list[int], str, str]:
+        """Decode from the prompt's last logits: (tokens, stop reason, text)."""
+        llm = self.llm
         stream = TextStream(llm.token_to_bytes)
         pieces: list[str] = []
 
@@ -215,14 +270,15 @@ class Pipeline:
         decoder = make_decoder(decoding, eos_id=llm.eos_id, room=llm.n_ctx - n_prompt, stop=stop)
         if decoding.beams > 1:
             sequences = BeamSequences(llm, decoding.beams, next_pos=n_prompt)
-            generation = decode(logits, lambda step: sequences.advance(step.parents, step.tokens), decoder,
-                                filters=(self.suppress,))
+            try:
+                generation = decode(logits, lambda step: sequences.advance(step.parents, step.tokens), decoder,
+                                    filters=(self.suppress,))
+            finally:
+                sequences.release()
             for token in generation.tokens:     # beams cannot stream: the text comes at the end
                 show(stream.push(token))
         else:
             generation = decode(logits, lambda step: llm.decode_tokens(step.tokens), decoder,
                                 filters=(self.suppress,), on_step=lambda step: show(stream.push(step.tokens[0])))
         show(stream.flush())
-        t2 = time.perf_counter()
-        return Answer("".join(pieces).strip(), generation.tokens, generation.stop_reason,
-                      n_prompt, t1 - t0, t2 - t1, decoding.beams)
+        return generation.tokens, generation.stop_reason, "".join(pieces).strip()
