@@ -88,6 +88,24 @@ class FileAnswer:
 
 
 @dataclass
+class FileAnswers:
+    """Answers to several prompts about one file, whose audio was encoded and prefilled once."""
+    audio: FileAudio
+    prompts: list[str]
+    answers: list[Answer]
+    model: dict
+
+    def to_dict(self) -> dict:
+        audio = self.audio
+        answers = [{"prompt": prompt, **answer.to_dict(), "prompt_tokens": answer.prompt_tokens,
+                    "timings": answer.timings()} for prompt, answer in zip(self.prompts, self.answers)]
+        return {"audio": display_name(audio.name), "answers": answers, "audio_seconds": round(audio.seconds, 3),
+                "used_seconds": round(audio.used_seconds, 3), "truncated": audio.truncated,
+                "chunks": len(audio.chunks), "beams": self.answers[0].beams, **self.model,
+                "timings": {"encode_s": round(audio.encode_s, 4)}}
+
+
+@dataclass
 class ChunkAnswer:
     start_s: float
     end_s: float
@@ -112,12 +130,29 @@ def answer_file(pipeline: Pipeline, audio_in: AudioInput, prompt: str, *, trunca
                 decoding: DecodingOptions | None = None, on_audio: Callable[[FileAudio], None] | None = None,
                 on_text: Callable[[str], None] | None = None, stop: StopCheck | None = None) -> FileAnswer:
     """Embed the file (`embed_file`), tell `on_audio` what reached the model, then answer."""
+    result = answer_prompts(pipeline, audio_in, [prompt], truncate=truncate, decoding=decoding,
+                            on_audio=on_audio, on_text=on_text, stop=stop)
+    return FileAnswer(result.audio, result.answers[0], result.model)
+
+
+def answer_prompts(pipeline: Pipeline, audio_in: AudioInput, prompts: list[str], *, truncate: bool = False,
+                   decoding: DecodingOptions | None = None, on_audio: Callable[[FileAudio], None] | None = None,
+                   on_prompt: Callable[[str], None] | None = None, on_text: Callable[[str], None] | None = None,
+                   stop: StopCheck | None = None) -> FileAnswers:
+    """`answer_file` for each prompt in turn: the audio is encoded once, and its part of the LLM's
+    KV cache (BOS, the text before the audio, the audio) is decoded once and kept for every prompt.
+    `on_prompt` is told of each prompt before its answer."""
     audio = embed_file(pipeline, audio_in, truncate=truncate)
     if on_audio is not None:
         on_audio(audio)
-    answer = pipeline.answer(audio.embeds, prompt, decoding, on_text=on_text, stop=stop)
-    return FileAnswer(audio, answer, {"quant": pipeline.manifest.quant, "encoder_provider": pipeline.encoder.provider,
-                                      "device": pipeline.placement.as_dict()})
+    answers = []
+    for prompt in prompts:
+        if on_prompt is not None:
+            on_prompt(prompt)
+        answers.append(pipeline.answer(audio.embeds, prompt, decoding, on_text=on_text, stop=stop, reuse_audio=True))
+    return FileAnswers(audio, prompts, answers, {"quant": pipeline.manifest.quant,
+                                                 "encoder_provider": pipeline.encoder.provider,
+                                                 "device": pipeline.placement.as_dict()})
 
 
 def answer_each_chunk(pipeline: Pipeline, audio_in: AudioInput, prompt: str, *,

@@ -119,16 +119,16 @@ def report_placement(pipeline, verbose: bool) -> None:
         say("", pipeline.placement.describe())
 
 
-def split_prompt(inputs: list[str], prompt: Optional[str]) -> tuple[list[str], str]:
-    """`ask AUDIO... PROMPT` or `ask AUDIO... -p PROMPT`."""
-    if prompt is not None:
-        return inputs, prompt
+def split_prompt(inputs: list[str], prompts: Optional[list[str]]) -> tuple[list[str], list[str]]:
+    """`ask AUDIO... PROMPT` or `ask AUDIO... -p PROMPT [-p PROMPT...]`."""
+    if prompts:
+        return inputs, list(prompts)
     if len(inputs) < 2:
         raise SalmonnError('give the audio and the prompt: salmonn ask AUDIO "PROMPT" (or -p PROMPT)')
     *files, prompt = inputs
     if len(files) > 1 and Path(prompt).is_file():
         raise SalmonnError(f"the last argument {prompt!r} is a file, not a prompt; give the prompt with -p")
-    return files, prompt
+    return files, [prompt]
 
 
 def each_input(names: list[str], work, jsonl: bool) -> tuple[list[dict | None], int]:
@@ -172,7 +172,9 @@ def write_out(text: str) -> None:
 def ask(
     inputs: list[str] = typer.Argument(..., metavar="AUDIO... [PROMPT]", help="Audio files (wav, flac, ogg, mp3, ...; "
                                        "any rate, any channels; - reads standard input), then the prompt unless -p is given."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help='What to ask, e.g. "Describe the audio."'),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help='What to ask, e.g. "Describe the audio."; '
+                                               "repeat it to ask several questions about the same audio "
+                                               "(encoded once, its LLM cache reused for each)."),
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = no sampling (greedy, or --beams); > 0 samples with one beam."),
@@ -199,14 +201,17 @@ def ask(
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.prompt import check_instruction
 
-    files, prompt = split_prompt(inputs, prompt)
+    files, prompts = split_prompt(inputs, prompt)
     per_chunk = per_chunk or per_window
-    check_instruction(prompt)
+    for prompt in prompts:
+        check_instruction(prompt)
     check_model_option(model)
     if files.count("-") > 1:
         raise SalmonnError("standard input (-) can be read only once")
     if truncate and per_chunk:
         raise SalmonnError("--truncate and --per-chunk do not go together")
+    if per_chunk and len(prompts) > 1:
+        raise SalmonnError("--per-chunk answers one prompt; give -p once")
     if as_json and jsonl:
         raise SalmonnError("give either --json or --jsonl, not both")
     decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
@@ -217,8 +222,8 @@ def ask(
         if streaming and len(files) > 1:
             print_header(shown)
         if per_chunk:
-            return ask_each_chunk(pipeline, name, prompt, streaming)
-        return ask_file(pipeline, name, shown, prompt, truncate=truncate, streaming=streaming)
+            return ask_each_chunk(pipeline, name, prompts[0], streaming)
+        return ask_file(pipeline, name, shown, prompts, truncate=truncate, streaming=streaming)
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
         report_placement(pipeline, verbose)
@@ -229,27 +234,42 @@ def ask(
         raise typer.Exit(SalmonnError.exit_code)
 
 
-def ask_file(pipeline, name: str, shown: str, prompt: str, *, truncate: bool, streaming: bool) -> dict:
-    """One answer about the whole file (as much as fits in the context), streamed as it comes."""
-    from salmonn_cli.ask import answer_file
+def report_audio(pipeline, audio_in, audio, shown: str, truncate: bool) -> None:
+    """Warn when not all of a file reaches the model, or when it goes past what the model was trained on."""
+    warn_if_cut_short(audio_in)
+    if audio.truncated:
+        hint = "" if truncate else "; raise --context for more"
+        warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
+             f"are used{hint}")
+    if len(audio.chunks) > 1:
+        notice(f"{quoted(shown)}: {len(audio.chunks)} chunks of audio go to the model back to back, "
+               f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
+
+
+def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: bool, streaming: bool) -> dict:
+    """An answer to each prompt about the whole file (as much as fits in the context), streamed as it
+    comes; with several prompts each answer follows its prompt (`Q: ...`, `A: ...`)."""
+    from salmonn_cli.ask import FileAnswer, answer_prompts
     from salmonn_cli.audio_input import open_audio
 
     audio_in = open_audio(name)
 
     def on_audio(audio) -> None:
-        warn_if_cut_short(audio_in)
-        if audio.truncated:
-            hint = "" if truncate else "; raise --context for more"
-            warn(f"{quoted(shown)} is {audio.seconds:.1f} s long; only the first {audio.used_seconds:.1f} s "
-                 f"are used{hint}")
-        if len(audio.chunks) > 1:
-            notice(f"{quoted(shown)}: {len(audio.chunks)} chunks of audio go to the model back to back, "
-                   f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
+        report_audio(pipeline, audio_in, audio, shown, truncate)
 
-    result = answer_file(pipeline, audio_in, prompt, truncate=truncate, on_audio=on_audio,
-                         on_text=write_out if streaming else None)
+    labels = iter(range(len(prompts)) if streaming and len(prompts) > 1 else ())
+
+    def on_prompt(prompt: str) -> None:
+        n = next(labels, None)
+        if n is not None:
+            write_out(("\n" if n else "") + f"Q: {one_line(prompt)}\nA: ")
+
+    result = answer_prompts(pipeline, audio_in, prompts, truncate=truncate, on_audio=on_audio, on_prompt=on_prompt,
+                            on_text=write_out if streaming else None)
     if streaming:
         write_out("\n")
+    if len(prompts) == 1:
+        return FileAnswer(result.audio, result.answers[0], result.model).to_dict()
     return result.to_dict()
 
 
@@ -270,6 +290,85 @@ def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool) -> dict:
         write_out("\n")
     warn_if_cut_short(audio_in)
     return result.to_dict()
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+@app.command()
+def chat(
+    audio: str = typer.Argument(..., metavar="AUDIO", help="The recording to talk about (a file: the questions "
+                                "come from standard input)."),
+    model: Optional[str] = model_option(),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = no sampling (greedy, or --beams); > 0 samples with one beam."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams; each answer "
+                                        "is printed when its search ends [default: the model's own]."),
+    truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s, as the official SALMONN does."),
+    threads: Optional[int] = threads_option(),
+    device: str = device_option(),
+    n_gpu_layers: Optional[int] = gpu_layers_option(),
+    verbose: bool = verbose_option(),
+    lora_scale: Optional[float] = lora_scale_option(),
+    context: Optional[int] = context_option(),
+) -> None:
+    """Ask follow-up questions about one recording: a question per line on standard input, each answer
+    streamed; earlier questions and answers stay in the conversation. Ctrl-D ends."""
+    from salmonn_cli.ask import embed_file
+    from salmonn_cli.audio_input import open_audio
+    from salmonn_cli.chat import Conversation
+    from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.default_model import resolve_model_dir
+    from salmonn_cli.pipeline import Pipeline
+
+    if audio == "-":
+        raise SalmonnError("chat reads its questions from standard input: give the audio as a file")
+    check_model_option(model)
+    decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
+    runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
+    audio_in = open_audio(audio)        # a missing file fails before the model loads
+    interactive = sys.stdin.isatty()
+    failed = 0
+
+    def forget(n_ctx: int) -> None:
+        notice(f"the conversation no longer fits in the {n_ctx}-token context: earlier questions and answers "
+               "are dropped, the audio stays (--context raises the limit)")
+
+    with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
+        report_placement(pipeline, verbose)
+        embedded = embed_file(pipeline, audio_in, truncate=truncate)
+        report_audio(pipeline, audio_in, embedded, audio_in.name, truncate)
+        conversation = Conversation(pipeline, embedded.embeds)
+        while True:
+            question = read_question(interactive)
+            if question is None:
+                break
+            if not question.strip():
+                continue
+            try:
+                conversation.ask(question, on_text=write_out, on_forget=forget)
+            except OutputError:
+                raise
+            except SalmonnError as e:
+                failed += 1
+                say("error: ", str(e))
+                continue
+            write_out("\n")
+    if failed:
+        raise typer.Exit(SalmonnError.exit_code)
+
+
+def read_question(interactive: bool) -> str | None:
+    """The next line of standard input (a "> " prompt on a terminal), or None at its end (Ctrl-D)."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            write_out("\n")
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
 
 
 # --- transcribe ----------------------------------------------------------------------------------

@@ -99,3 +99,14 @@ def build_prompt(config: SalmonnConfig, instruction: str,
     before, after = prompt_segments(config, prompt)
     return Prompt("".join(text for text, _ in before), "".join(text for text, _ in after),
                   tokenize_segments(before, tokenize), tokenize_segments(after, tokenize))
+
+
+def follow_up_token_ids(config: SalmonnConfig, instruction: str,
+                        tokenize: Callable[..., list[int]]) -> list[int]:
+    """Ids of a follow-up question: the template around the instruction alone, no audio (no BOS).
+    Tokenized as `build_prompt` tokenizes the text after the audio."""
+    instruction = check_instruction(instruction).strip()
+    if not config.prompt_special_tokens:
+        return tokenize_segments([(config.prompt_template.format(instruction), False)], tokenize)
+    prefix, suffix = template_affixes(config)
+    return tokenize_segments([(prefix, True), (instruction, False), (suffix, True)], tokenize)
