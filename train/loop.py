@@ -323,6 +323,105 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
+def build_datasets(cfg: TrainConfig, annotations: dict[str, list], config: SalmonnConfig
+                   ) -> tuple[AnnotationDataset, AnnotationDataset | None]:
+    """The train set and (when configured) the validation set, each task checked against the prompts."""
+    prompts = read_prompts(cfg.data.prompts, config)
+    tokenizer = Tokenizer(cfg.model.llama_path)
+    datasets = {}
+    for split, samples in annotations.items():
+        check_tasks(samples, prompts, getattr(cfg.data, split))
+        datasets[split] = AnnotationDataset(samples, prompts, config, tokenizer, cfg.model.max_txt_len, cfg.run.seed)
+    return datasets["train"], datasets.get("valid")
+
+
+def place_model(model: Salmonn, d: Dist, llm_dtype: str) -> None:
+    """On this process's device; on a GPU the frozen LLM weights in `llm_dtype` (LoRA stays fp32)."""
+    model.to(d.device)
+    if d.device.type == "cuda" and llm_dtype != "float32":
+        for param in model.llama_model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(LLM_DTYPES[llm_dtype])
+
+
+def across_processes(trainer: TrainingModel, model: Salmonn, d: Dist) -> torch.nn.Module:
+    """The module the loop calls: the trainer itself, or under torchrun the trainer in DDP."""
+    if d.world_size == 1:
+        return trainer
+    # the frozen bases are loaded from the same files everywhere: no need to broadcast them
+    frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainer, frozen)
+    return DistributedDataParallel(trainer, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def resume_from(last_path: Path, cfg: TrainConfig, model: Salmonn, optimizer, schedule, scaler, plan: StepPlan,
+                d: Dist) -> tuple[int, float | None]:
+    """Load `last_path` into the model, optimizer, schedule, scaler and RNGs: (step, best accuracy)."""
+    r = cfg.run
+    ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+    saved = ckpt["data"]
+    if saved["global_batch"] != plan.global_batch or saved["seed"] != r.seed:
+        raise ConfigError(f"{last_path} was written with global batch {saved['global_batch']} and seed "
+                          f"{saved['seed']}; this config has {plan.global_batch} and {r.seed}")
+    apply_checkpoint_state(model, ckpt["model"], source=str(last_path))
+    if cfg.model.train_beats:
+        beats_path = last_path.parent / BEATS_NAMES[CHECKPOINT_NAME]
+        beats_state = torch.load(beats_path, map_location="cpu", weights_only=True)["model"]
+        load_beats_state_dict(model.beats, beats_state, source=str(beats_path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    step = int(ckpt["step"])
+    if len(ckpt["rng"]) == d.world_size:
+        set_rng_state(ckpt["rng"][d.rank], d.device)
+    else:
+        torch.manual_seed(r.seed + d.rank + step)
+    return step, ckpt.get("best_accuracy")
+
+
+def exportable(model: Salmonn, config: SalmonnConfig, cfg: TrainConfig, name: str) -> dict:
+    """What `salmonn export --checkpoint` reads from checkpoint `name`: trained tensors and the model
+    config. A trained BEATs is written beside the checkpoint first and named by its `beats_path`."""
+    model_config = checkpoint_model_config(config, cfg.model)
+    if cfg.model.train_beats:
+        beats = Path(cfg.run.out_dir) / BEATS_NAMES[name]
+        model_config["beats_path"] = str(save_beats(model.beats, beats).resolve())
+    return {"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
+            "config": {"model": model_config, "run": cfg.to_dict()}}
+
+
+def optimizer_step(net: torch.nn.Module, micro_batches: list, global_targets: float, *, ctc_weight: float | None,
+                   optimizer, scaler, trainable: list, grad_clip: float, autocast, d: Dist
+                   ) -> tuple[float, float, float, float]:
+    """Accumulate the micro-batches' gradients (normalised by the global batch's target tokens) and
+    step: this process's (cross-entropy sum, correct tokens, CTC sum) and the gradient norm."""
+    ce_total, correct_total, ctc_total = 0.0, 0.0, 0.0
+    for k, batch in enumerate(micro_batches):
+        last_micro = k == len(micro_batches) - 1
+        no_sync = net.no_sync() if d.world_size > 1 and not last_micro else nullcontext()
+        with no_sync:
+            with autocast():
+                ce_sum, _, correct, ctc_sum = net(batch)
+                objective = ce_sum + ctc_weight * ctc_sum if ctc_weight is not None else ce_sum
+            # DDP averages gradients over processes; scaling by world size turns that into a sum
+            scaler.scale(objective * d.world_size / global_targets).backward()
+        ce_total += float(ce_sum.detach())
+        ctc_total += float(ctc_sum.detach())
+        correct_total += float(correct)
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in trainable if p.grad is not None])))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_total, correct_total, ctc_total, grad_norm
+
+
 def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     m, o, r = cfg.model, cfg.optim, cfg.run
     if r.threads:
@@ -341,22 +440,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     np.random.seed(r.seed)
     torch.manual_seed(r.seed)
     model, config = build_model(m)
-    prompts = read_prompts(cfg.data.prompts, config)
-    tokenizer = Tokenizer(m.llama_path)
-    datasets = {}
-    for split, samples in annotations.items():
-        check_tasks(samples, prompts, getattr(cfg.data, split))
-        datasets[split] = AnnotationDataset(samples, prompts, config, tokenizer, m.max_txt_len, r.seed)
-    train_set, valid_set = datasets["train"], datasets.get("valid")
-
-    cuda = d.device.type == "cuda"
-    model.to(d.device)
-    if cuda and r.llm_dtype != "float32":
-        for param in model.llama_model.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(LLM_DTYPES[r.llm_dtype])
+    train_set, valid_set = build_datasets(cfg, annotations, config)
+    place_model(model, d, r.llm_dtype)
     cache = FrozenEncoderCache(cache_beats=not m.train_beats) if r.cache_encoders else None
-    amp_dtype = AMP_DTYPES.get(r.amp if cuda else cpu_autocast_mode(r.cpu_amp))
+    amp_dtype = AMP_DTYPES.get(r.amp if d.device.type == "cuda" else cpu_autocast_mode(r.cpu_amp))
 
     def autocast():
         return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -368,13 +455,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             targets = target_classes(alignment_set(train_set, cfg.align.tasks), head, config.llm.eos_token_id)
             ctc = CtcObjective(head.to(d.device), targets)
     trainer = TrainingModel(model, cache, ctc)
-    net = trainer
-    if d.world_size > 1:
-        # the frozen bases are loaded from the same files everywhere: no need to broadcast them
-        frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainer, frozen)
-        net = DistributedDataParallel(trainer, device_ids=[d.device.index] if cuda else None,
-                                      broadcast_buffers=False)
+    net = across_processes(trainer, model, d)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lora_lr_scale, o.lora_start_step > 0),
                                   lr=o.init_lr, betas=(o.beta1, o.beta2))
@@ -386,43 +467,15 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
 
     start_step, best_accuracy = 0, None
     if resume:
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        saved = ckpt["data"]
-        if saved["global_batch"] != plan.global_batch or saved["seed"] != r.seed:
-            raise ConfigError(f"{last_path} was written with global batch {saved['global_batch']} and seed "
-                              f"{saved['seed']}; this config has {plan.global_batch} and {r.seed}")
-        apply_checkpoint_state(model, ckpt["model"], source=str(last_path))
-        if m.train_beats:
-            beats_path = out_dir / BEATS_NAMES[CHECKPOINT_NAME]
-            beats_state = torch.load(beats_path, map_location="cpu", weights_only=True)["model"]
-            load_beats_state_dict(model.beats, beats_state, source=str(beats_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_step, best_accuracy = int(ckpt["step"]), ckpt.get("best_accuracy")
-        if len(ckpt["rng"]) == d.world_size:
-            set_rng_state(ckpt["rng"][d.rank], d.device)
-        else:
-            torch.manual_seed(r.seed + d.rank + start_step)
-        del ckpt
+        start_step, best_accuracy = resume_from(last_path, cfg, model, optimizer, schedule, scaler, plan, d)
     else:
         torch.manual_seed(r.seed + d.rank)
-
-    def exportable(name: str) -> dict:
-        """What `salmonn export --checkpoint` reads: trained tensors and the model config. A trained
-        BEATs is written beside the checkpoint first and named by its `beats_path`."""
-        model_config = checkpoint_model_config(config, m)
-        if m.train_beats:
-            model_config["beats_path"] = str(save_beats(model.beats, out_dir / BEATS_NAMES[name]).resolve())
-        return {"model": {k: v.detach().cpu().clone() for k, v in model.trainable_state_dict().items()},
-                "config": {"model": model_config, "run": cfg.to_dict()}}
 
     def save(step: int) -> None:
         states = gather_rng_states(d)
         if d.is_main:
             atomic_save({
-                **exportable(CHECKPOINT_NAME),
+                **exportable(model, config, cfg, CHECKPOINT_NAME),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -449,28 +502,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             local_tokens = sum(b.n_tokens(config) for b in micro_batches)
             global_targets, global_tokens = d.sum(sum(b.n_targets for b in micro_batches), local_tokens)
             lr = schedule.set(step)
-            ce_total, correct_total, ctc_total = 0.0, 0.0, 0.0
-            for k, batch in enumerate(micro_batches):
-                last_micro = k == len(micro_batches) - 1
-                no_sync = net.no_sync() if d.world_size > 1 and not last_micro else nullcontext()
-                with no_sync:
-                    with autocast():
-                        ce_sum, _, correct, ctc_sum = net(batch)
-                        objective = ce_sum + cfg.align.lm_weight * ctc_sum if ctc is not None else ce_sum
-                    # DDP averages gradients over processes; scaling by world size turns that into a sum
-                    scaler.scale(objective * d.world_size / global_targets).backward()
-                ce_total += float(ce_sum.detach())
-                ctc_total += float(ctc_sum.detach())
-                correct_total += float(correct)
-            scaler.unscale_(optimizer)
-            if o.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in trainable if p.grad is not None])))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            ce_total, correct_total, ctc_total, grad_norm = optimizer_step(
+                net, micro_batches, global_targets, ctc_weight=cfg.align.lm_weight if ctc is not None else None,
+                optimizer=optimizer, scaler=scaler, trainable=trainable, grad_clip=o.grad_clip, autocast=autocast, d=d)
 
             done = step + 1
             ce_total, correct_total, ctc_total = d.sum(ce_total, correct_total, ctc_total)
@@ -478,9 +512,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
             record = {"step": done, "split": "train", "loss": ce_total / global_targets,
                       "accuracy": correct_total / global_targets, "lr": lr, "grad_norm": grad_norm,
                       "target_tokens": int(global_targets), "tokens_per_s": global_tokens / seconds,
-                      "seconds": seconds}
-            if ctc is not None:
-                record["ctc"] = ctc_total / global_targets      # CTC nats per answer token, as the objective adds it
+                      "seconds": seconds,
+                      # CTC nats per answer token, as the objective adds it
+                      **({"ctc": ctc_total / global_targets} if ctc is not None else {})}
             log.write(record)
             if progress is not None:
                 progress.update(task, completed=done, info=f"loss {record['loss']:.4f}  lr {lr:.2e}  "
@@ -491,7 +525,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
                 if best_accuracy is None or metrics["accuracy"] > best_accuracy:
                     best_accuracy = metrics["accuracy"]
                     if d.is_main:
-                        atomic_save({**exportable(BEST_NAME), "step": done, "valid": metrics}, out_dir / BEST_NAME)
+                        atomic_save({**exportable(model, config, cfg, BEST_NAME), "step": done, "valid": metrics}, out_dir / BEST_NAME)
             if done % r.save_every == 0 or done == o.max_steps:
                 save(done)
     finally:
