@@ -480,6 +480,41 @@ def test_cached_encoder_outputs_train_exactly_like_the_encoders(base, tmp_path, 
     assert [r["loss"] for r in read_log(plain.parent, "valid")] == [r["loss"] for r in read_log(cached.parent, "valid")]
 
 
+def test_encoder_cache_on_disk_serves_a_later_run(base, tmp_path, monkeypatch):
+    """`[run] encoder_cache_dir`: a second run with the same encoders and audio computes no encoder
+    output and trains exactly as the first; a rewritten audio file misses (its entry is keyed by the
+    file's size and time, not its path alone)."""
+    from train.encoder_cache import FrozenEncoderCache
+
+    caches = []
+    original_init = FrozenEncoderCache.__init__
+
+    def remember(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(FrozenEncoderCache, "__init__", remember)
+    sections = {"model": {"lora_dropout": 0.0, "qformer_dropout": 0.0},
+                "optim": {"batch_size": 1, "max_steps": 3},
+                "run": {"cache_encoders": True, "encoder_cache_dir": str(tmp_path / "encoder-cache")}}
+    first = train_in_process(run_config(base, tmp_path / "first", **sections))
+    second = train_in_process(run_config(base, tmp_path / "second", **sections))
+    assert [c.misses for c in caches] == [3, 0] and caches[1].disk_hits == 3
+    assert len(list((tmp_path / "encoder-cache").glob("*.pt"))) == 3
+    assert max_diff(trained(first), trained(second)) == 0.0
+
+    clip = next(iter(caches[1].entries))[0]
+    os.utime(clip, ns=(0, 0))           # as if rewritten: same path, another stamp
+    train_in_process(run_config(base, tmp_path / "third", **sections))
+    assert caches[2].misses == 1 and caches[2].disk_hits == 2
+
+
+def test_encoder_cache_dir_needs_cache_encoders(base, tmp_path):
+    raw = run_config(base, tmp_path / "run", run={"encoder_cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="encoder_cache_dir needs cache_encoders"):
+        train_in_process(raw)
+
+
 def test_checkpoint_has_the_official_layout(overfit_run, tiny_model):
     model, _ = tiny_model
     ckpt = torch.load(overfit_run, map_location="cpu", weights_only=True)

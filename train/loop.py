@@ -33,7 +33,7 @@ from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, CtcHead, CtcObjective, Piec
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
                         collate, read_annotations, read_prompts, validation_keys)
-from train.encoder_cache import FrozenEncoderCache
+from train.encoder_cache import FrozenEncoderCache, encoder_identity
 from train.loss import TrainingModel, audio_token_counts, swap_audio
 from train.model import LORA_NAME_PARTS, Salmonn
 from train.official import apply_checkpoint_state, atomic_save, build_from_parts, load_official, official_model_config
@@ -323,6 +323,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
+def frozen_encoder_cache(cfg: TrainConfig, config: SalmonnConfig, amp_dtype: torch.dtype | None,
+                         device: torch.device) -> FrozenEncoderCache | None:
+    """`[run] cache_encoders` (and `encoder_cache_dir`): the frozen encoders' outputs per clip."""
+    r, m = cfg.run, cfg.model
+    if not r.cache_encoders:
+        return None
+    identity = ""
+    if r.encoder_cache_dir:
+        # what decides how many Whisper frames run and their values, besides the weights and the audio
+        geometry = {"trim_windows": config.trim_windows, "window_frames": config.window_frames,
+                    "stride_frames": config.stride_frames, "max_seconds": config.max_seconds,
+                    "sample_rate": config.sample_rate}
+        identity = encoder_identity(m.whisper_path, m.beats_path, geometry, str(amp_dtype))
+    return FrozenEncoderCache(cache_beats=not m.train_beats, directory=r.encoder_cache_dir or None,
+                              identity=identity, device=device)
+
+
 def build_datasets(cfg: TrainConfig, annotations: dict[str, list], config: SalmonnConfig
                    ) -> tuple[AnnotationDataset, AnnotationDataset | None]:
     """The train set and (when configured) the validation set, each task checked against the prompts."""
@@ -442,8 +459,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     model, config = build_model(m)
     train_set, valid_set = build_datasets(cfg, annotations, config)
     place_model(model, d, r.llm_dtype)
-    cache = FrozenEncoderCache(cache_beats=not m.train_beats) if r.cache_encoders else None
     amp_dtype = AMP_DTYPES.get(r.amp if d.device.type == "cuda" else cpu_autocast_mode(r.cpu_amp))
+    cache = frozen_encoder_cache(cfg, config, amp_dtype, d.device)
 
     def autocast():
         return torch.autocast(d.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()

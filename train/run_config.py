@@ -112,6 +112,9 @@ class RunSection:
     threads: int = 0                # torch CPU threads per process; 0 = torch's default
     progress: bool = True           # rich progress bar on rank 0
     cache_encoders: bool = False    # keep each clip's frozen-encoder outputs in memory (train/encoder_cache.py)
+    # with cache_encoders: also keep them in this folder, where later runs with the same encoders, window
+    # geometry and audio files find them ("" = in memory only)
+    encoder_cache_dir: str = ""
 
 
 @dataclass
@@ -174,6 +177,8 @@ class TrainConfig:
             raise ConfigError(f"[run] cpu_amp must be one of {', '.join(CPU_AMP_MODES)}, not {r.cpu_amp!r}")
         if r.llm_dtype not in LLM_DTYPES:
             raise ConfigError(f"[run] llm_dtype must be one of {', '.join(LLM_DTYPES)}, not {r.llm_dtype!r}")
+        if r.encoder_cache_dir and not r.cache_encoders:
+            raise ConfigError("[run] encoder_cache_dir needs cache_encoders = true")
         for section, key in (("optim", "batch_size"), ("optim", "accum_steps"), ("optim", "max_steps"),
                              ("run", "save_every"), ("run", "val_every"), ("model", "max_txt_len")):
             if getattr(getattr(self, section), key) < 1:

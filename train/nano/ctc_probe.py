@@ -24,8 +24,8 @@ import torch
 from salmonn_cli.errors import SalmonnError
 from train.align import transcript
 from train.data import AnnotationDataset, Tokenizer, collate, read_annotations, read_prompts
-from train.encoder_cache import FrozenEncoderCache
-from train.loop import build_model, cpu_autocast_mode, run_alignment, setup_distributed
+from train.loop import (AMP_DTYPES, build_model, cpu_autocast_mode, frozen_encoder_cache, run_alignment,
+                        setup_distributed)
 from train.loss import encode_batch, window_token_counts
 from train.nano.evaluate import is_empty_transcript, word_error_rate
 from train.nano.recipe import FULL_CONFIG, ensure_beats, run_overrides
@@ -69,7 +69,7 @@ def probe(data_dir: Path, out: Path, overrides: list[str]) -> dict:
     amp = cpu_autocast_mode(cfg.run.cpu_amp)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
     Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
-    cache = FrozenEncoderCache(cache_beats=not cfg.model.train_beats) if cfg.run.cache_encoders else None
+    cache = frozen_encoder_cache(cfg, config, AMP_DTYPES.get(amp), torch.device("cpu"))
     head = run_alignment(cfg, model, config, train_set, cache, autocast, setup_distributed(), False)
 
     entries = json.loads((data_dir / "test.json").read_text(encoding="utf-8"))["annotation"]
