@@ -1,7 +1,11 @@
 """The int8 audio encoder: ONNX Runtime's quantizer over the exported fp32 graph (export/onnx_encoder.py).
 
-Only the MatMuls with a constant weight (the linear layers) of Whisper and BEATs are quantized; the
-convolutions, the attention products (two activations), the Q-Former and the projection stay fp32.
+Only the MatMuls with a constant weight (the linear layers) of Whisper and BEATs are quantized, with one
+weight scale per output column; Whisper's first and last layers, the convolutions, the attention products
+(two activations), the Q-Former and the projection stay fp32. Those choices are what keeps the audio tokens
+within the quality bar (benchmarks/encoder_int8.py, BENCHMARKS.md "int8 audio encoder"): the activations
+are quantized per call with one scale per tensor, and the layers next to the input and the output lose the
+most to that.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from salmonn_cli.manifest import ENCODER_QUANTS  # noqa: F401  (the choices, re-
 FP32_ENCODER_FILE = "audio_encoder.onnx"
 # The ways to reach int8 that benchmarks/encoder_int8.py compares; METHOD is the one export uses.
 METHODS = ("dynamic", "dynamic_per_channel", "nbits8")
-METHOD = "dynamic"
+METHOD = "dynamic_per_channel"
 # MatMulNBits: weights in blocks of this many input rows, one scale each; accuracy level 4 quantizes the
 # activations to int8 per block too and runs the int8 dot-product kernels.
 NBITS_BLOCK = 32
@@ -23,6 +27,12 @@ NBITS_ACCURACY_LEVEL = 4
 # Groups of layers: which model inputs reach a MatMul tells where it belongs.
 PARTS = {frozenset({INPUT_MEL}): "whisper", frozenset({INPUT_FBANK}): "beats"}
 QUANTIZED_PARTS = ("whisper", "beats")
+# A Whisper layer's linear layers (q, k, v, out, fc1, fc2), in graph order; this many layers at each end stay fp32.
+WHISPER_LINEARS_PER_LAYER = 6
+WHISPER_FP32_EDGE_LAYERS = 1
+# Outputs that carry a tensor's shape and not its values (the Q-Former's queries are expanded to
+# Whisper's frame count: they depend on its shape, and are still the Q-Former's).
+SHAPE_ONLY = ("Shape", "Size")
 
 
 def encoder_file_name(encoder_quant: str) -> str:
@@ -36,7 +46,8 @@ def weight_matmul_parts(model) -> dict[str, str]:
     reaches: dict[str, frozenset] = {INPUT_MEL: frozenset({INPUT_MEL}), INPUT_FBANK: frozenset({INPUT_FBANK})}
     parts = {}
     for node in model.graph.node:
-        reached = frozenset().union(*(reaches.get(name, frozenset()) for name in node.input))
+        reached = frozenset() if node.op_type in SHAPE_ONLY else \
+            frozenset().union(*(reaches.get(name, frozenset()) for name in node.input))
         for name in node.output:
             reaches[name] = reached
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers:
@@ -44,8 +55,21 @@ def weight_matmul_parts(model) -> dict[str, str]:
     return parts
 
 
-def quantize_encoder(src: Path, dst: Path, method: str = METHOD,
-                     parts: tuple[str, ...] = QUANTIZED_PARTS) -> None:
+def quantized_nodes(model, parts: tuple[str, ...] = QUANTIZED_PARTS,
+                    fp32_edge_layers: int = WHISPER_FP32_EDGE_LAYERS) -> list[str]:
+    """The weight MatMuls of `parts` to quantize: all but those of Whisper's first and last
+    `fp32_edge_layers` layers."""
+    by_part = weight_matmul_parts(model)
+    whisper = [name for name, part in by_part.items() if part == "whisper"]
+    if len(whisper) % WHISPER_LINEARS_PER_LAYER:
+        raise ValueError(f"{len(whisper)} Whisper linear layers, not a multiple of {WHISPER_LINEARS_PER_LAYER}")
+    edge = WHISPER_LINEARS_PER_LAYER * fp32_edge_layers
+    kept = set(whisper[:edge] + whisper[len(whisper) - edge:]) if edge else set()
+    return [name for name, part in by_part.items() if part in parts and name not in kept]
+
+
+def quantize_encoder(src: Path, dst: Path, method: str = METHOD, parts: tuple[str, ...] = QUANTIZED_PARTS,
+                     fp32_edge_layers: int = WHISPER_FP32_EDGE_LAYERS) -> None:
     """Write the int8 encoder of the fp32 graph `src` to `dst` (a new file; `src` is only read)."""
     import onnx
 
@@ -55,7 +79,7 @@ def quantize_encoder(src: Path, dst: Path, method: str = METHOD,
     # The exporter's intermediate shapes disagree with ONNX's own shape inference in places
     # ("Inferred shape and existing shape differ"), which the quantizer runs: let it infer them afresh.
     del model.graph.value_info[:]
-    nodes = [name for name, part in weight_matmul_parts(model).items() if part in parts]
+    nodes = quantized_nodes(model, parts, fp32_edge_layers)
     if method == "nbits8":
         quantized = _nbits8(model, nodes)
     else:
