@@ -17,15 +17,16 @@ OUTPUT_EMBEDS = "audio_embeds"
 
 def session_options(n_threads: int):
     """ONNX Runtime's settings for the encoder (benchmarks/encoder_int8.py measures the alternatives):
-    all graph optimizations (ORT's default level) and pre-packed weights (its default)."""
+    all graph optimizations (ORT's default level), pre-packed weights (its default) and the CPU arena."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = n_threads
     options.inter_op_num_threads = 1
-    # The fbank length changes with every clip; ORT's CPU arena and memory patterns keep every
-    # size they have seen, growing over a long transcription, so allocate per call.
-    options.enable_cpu_mem_arena = False
+    # The arena lets each layer reuse the last one's buffers instead of fresh pages per allocation;
+    # it is shrunk after every call (RUN_OPTIONS) and memory patterns stay off, because the fbank
+    # length changes with every clip and both would otherwise keep every size seen in a long transcription.
+    options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = False
     options.log_severity_level = 3
     return options
@@ -52,6 +53,8 @@ class AudioEncoder:
             raise ModelError(f"cannot load audio encoder {quoted(path)}: {first}") from None
         finally:
             ort.set_default_logger_severity(3)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         names = {i.name for i in self.session.get_inputs()}
         if names != {INPUT_MEL, INPUT_FBANK}:
             raise ModelError(f"audio encoder {quoted(path)} has inputs {sorted(names)}, "
@@ -67,6 +70,7 @@ class AudioEncoder:
             (embeds,) = self.session.run(
                 [OUTPUT_EMBEDS],
                 {INPUT_MEL: mel[None].astype(np.float32), INPUT_FBANK: fbank[None].astype(np.float32)},
+                self.run_options,
             )
         except Exception as e:  # ORT's own types: the graph does not take what the manifest describes
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
