@@ -46,6 +46,7 @@ CT2_TARGET = 1.7             # CTranslate2 int8 / ORT int8, Whisper alone
 FIXTURE_STEPS = 8
 PROMPT = "Describe the audio."
 WHISPER_ONNX = "whisper_encoder.onnx"
+BUSY_LOAD = 1.5             # 1-minute load average on 2 cores above which the report calls the machine shared
 
 
 def log(message: str) -> None:
@@ -90,13 +91,26 @@ def session(path: Path, threads: int, **changes):
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def int8_file(fp32: Path, out: Path, parts=None) -> Path:
-    from export.encoder_quant import QUANTIZED_PARTS, quantize_encoder
+# Ways to make the int8 encoder that the quality section compares: name -> quantize_encoder arguments.
+# "export's" is what `salmonn export --encoder-quant int8` writes.
+VARIANTS = {
+    "export's (per-channel, Whisper's first and last layers fp32)": {},
+    "per-channel, every layer": {"fp32_edge_layers": 0},
+    "per-tensor, every layer": {"method": "dynamic", "fp32_edge_layers": 0},
+}
+DEFAULT_VARIANT = next(iter(VARIANTS))
 
+
+def int8_file(fp32: Path, out: Path, parts=None, **variant) -> Path:
+    """`out`, with the settings in its name (export's, or `variant`'s), made once."""
+    from export.encoder_quant import METHOD, QUANTIZED_PARTS, WHISPER_FP32_EDGE_LAYERS, quantize_encoder
+
+    settings = {"method": METHOD, "fp32_edge_layers": WHISPER_FP32_EDGE_LAYERS, **variant}
+    out = out.with_name(f"{out.stem}-{settings['method']}-edge{settings['fp32_edge_layers']}{out.suffix}")
     if not out.is_file():
-        log(f"quantizing {fp32.name} to int8 (once)")
+        log(f"quantizing {fp32.name} to {out.name} (once)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        quantize_encoder(fp32, out, parts=parts or QUANTIZED_PARTS)
+        quantize_encoder(fp32, out, parts=parts or QUANTIZED_PARTS, **variant)
     return out
 
 
@@ -111,18 +125,25 @@ def clip_features(config, clip: Path):
 
 # --- quality -------------------------------------------------------------------------------------
 
-def token_quality(fp32: Path, int8: Path, config, threads: int) -> dict:
+def token_quality(fp32: Path, int8_files: dict[str, Path], config, threads: int) -> dict:
+    """variant -> clip -> cosine, max |Δ| of the audio tokens against fp32."""
     import numpy as np
 
     from salmonn_cli.encoder import AudioEncoder
 
-    engines = [AudioEncoder(p, n_threads=threads, device="cpu") for p in (fp32, int8)]
+    clips = sorted(p for p in artefacts.AUDIO_FIXTURES.iterdir() if p.suffix in (".wav", ".mp3"))
+    features = {clip.name: clip_features(config, clip) for clip in clips}
+    engine = AudioEncoder(fp32, n_threads=threads, device="cpu")
+    reference = {name: engine(*f) for name, f in features.items()}
     rows = {}
-    for clip in sorted(p for p in artefacts.AUDIO_FIXTURES.iterdir() if p.suffix in (".wav", ".mp3")):
-        mel, fbank = clip_features(config, clip)
-        a, b = (engine(mel, fbank) for engine in engines)
-        rows[clip.name] = {"cosine": cosine(a, b), "max_abs_diff": float(np.abs(a - b).max()),
-                           "max_abs": float(np.abs(a).max()), "tokens": int(a.shape[0])}
+    for variant, path in int8_files.items():
+        engine = AudioEncoder(path, n_threads=threads, device="cpu")
+        rows[variant] = {}
+        for name, f in features.items():
+            a, b = reference[name], engine(*f)
+            rows[variant][name] = {"cosine": cosine(a, b), "max_abs_diff": float(np.abs(a - b).max()),
+                                   "max_abs": float(np.abs(a).max()), "tokens": int(a.shape[0])}
+        log(f"quality: {variant}: min cosine {min(r['cosine'] for r in rows[variant].values()):.5f}")
     return rows
 
 
@@ -154,15 +175,18 @@ def quality(work: Path, threads: int) -> dict:
     from salmonn_cli.manifest import load_manifest
 
     _, real_fp32 = artefacts.real_shape_encoder(work, log)
-    real_int8 = int8_file(real_fp32, work / "enc" / "onnx-int8" / "audio_encoder-int8.onnx")
     nano = load_manifest(default_model_dir())
     if nano.encoder_quant != "fp32":
         raise RuntimeError(f"the nano model in {nano.model_dir} has no fp32 encoder to compare with")
     nano_fp32 = nano.path(nano.audio_encoder)
-    nano_int8 = int8_file(nano_fp32, work / "nano-int8" / "audio_encoder-int8.onnx")
-    return {"real-shape random": token_quality(real_fp32, real_int8, artefacts.encoder_config(), threads),
-            "salmonn-nano": token_quality(nano_fp32, nano_int8, nano.config, threads),
-            "fixture": fixture_tokens(work)}
+    out = {}
+    for name, fp32, int8_dir, config in (
+            ("real-shape random", real_fp32, work / "enc" / "onnx-int8", artefacts.encoder_config()),
+            ("salmonn-nano", nano_fp32, work / "nano-int8", nano.config)):
+        files = {v: int8_file(fp32, int8_dir / "audio_encoder-int8.onnx", **a) for v, a in VARIANTS.items()}
+        out[name] = token_quality(fp32, files, config, threads)
+    out["fixture"] = fixture_tokens(work)
+    return out
 
 
 # --- speed ---------------------------------------------------------------------------------------
@@ -282,7 +306,8 @@ OPTION_VARIANTS = {
     "graph optimization: extended": {"graph_optimization_level": "ORT_ENABLE_EXTENDED"},
     "graph optimization: layout only": {"graph_optimization_level": "ORT_ENABLE_LAYOUT"},
     "intra-op threads 1": {"intra_op_num_threads": 1},
-    "CPU memory arena on": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True},
+    "CPU memory arena off": {"enable_cpu_mem_arena": False},
+    "memory patterns on": {"enable_mem_pattern": True},
     "pre-packed weights off": {"config": {"session.disable_prepacking": "1"}},
     "transformers optimizer (bert fusions), offline": {"optimizer": "bert"},
 }
@@ -344,9 +369,11 @@ def markdown(results: dict, m: dict, args) -> str:
     command = " ".join(["python benchmarks/encoder_int8.py", *sys.argv[1:]])
     lines = [f"`{command}` on {m['date']}, one process per section, engines alternating.", "",
              f"Machine: {m['cpu']} ({m['cpu_features']}), {m['cores']} cores, {m['ram_gib']:.1f} GiB; "
-             f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average'])}. **Shared machine**: "
-             "other jobs ran on the same two cores, so absolute seconds are inflated and noisy; the ratios come "
-             "from interleaved runs in one process. " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
+             f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average'])}"
+             + (". **Shared machine**: other jobs ran on the same two cores, so absolute seconds are inflated and "
+                "noisy" if m["load_average"][0] > BUSY_LOAD else " (nothing else running)")
+             + "; the ratios come from interleaved runs in one process. "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
     if "whole" in results:
         r = results["whole"]
         lines += ["Whole audio encoder (Whisper large-v2 + BEATs iter3 + Q-Former + projection, random weights), "
@@ -360,8 +387,8 @@ def markdown(results: dict, m: dict, args) -> str:
     if "options" in results:
         r = results["options"]
         lines += ["ONNX Runtime session options on the int8 whole encoder, each changed alone from the runtime's "
-                  "(salmonn_cli/encoder.py: all graph optimizations, intra-op threads = --threads, no arena, "
-                  "pre-packing on):", "",
+                  "(salmonn_cli/encoder.py: all graph optimizations, intra-op threads = --threads, CPU arena on and "
+                  "shrunk after each call, no memory patterns, pre-packing on):", "",
                   report.table(["change", "s per 30 s", "runtime's s (same pair)", "vs runtime", "cosine vs runtime"],
                                [[k + (f" (fused: {v['fused']})" if v.get("fused") else ""), f"{v['median_s']:.2f}",
                                  f"{v['runtime_median_s']:.2f}", f"{v['vs_runtime']:.2f}x", f"{v['cosine_vs_runtime']:.6f}"]
@@ -369,12 +396,17 @@ def markdown(results: dict, m: dict, args) -> str:
     if "quality" in results:
         q = results["quality"]
         for name in ("real-shape random", "salmonn-nano"):
-            rows = q[name]
-            lines += [f"Audio tokens int8 vs fp32, {name} weights (target cosine >= {QUALITY_TARGETS[name]}):", "",
-                      report.table(["clip", "tokens", "cosine", "max |Δ|", "max |fp32|"],
-                                   [[c, v["tokens"], f"{v['cosine']:.5f}", f"{v['max_abs_diff']:.3g}",
-                                     f"{v['max_abs']:.3g}"] for c, v in rows.items()]), ""]
-        lines += [f"Official-tiny fixture, f32 LLM, {FIXTURE_STEPS} greedy tokens with the fp32 and the int8 encoder:", "",
+            variants = q[name]
+            clips = list(variants[DEFAULT_VARIANT])
+            lines += [f"Audio tokens int8 vs fp32, {name} weights: cosine (target >= {QUALITY_TARGETS[name]} on every "
+                      "clip); max |Δ| of export's / max |fp32|:", "",
+                      report.table(["clip", "tokens", *variants, "max |Δ| / max |fp32|"],
+                                   [[c, variants[DEFAULT_VARIANT][c]["tokens"],
+                                     *(f"{v[c]['cosine']:.5f}" for v in variants.values()),
+                                     f"{variants[DEFAULT_VARIANT][c]['max_abs_diff']:.3g} / "
+                                     f"{variants[DEFAULT_VARIANT][c]['max_abs']:.3g}"] for c in clips]), ""]
+        lines += [f"Official-tiny fixture, f32 LLM, {FIXTURE_STEPS} greedy tokens with the fp32 and export's int8 "
+                  "encoder:", "",
                   report.table(["input", "same tokens"], [[k, "yes" if v["same"] else f"no: {v}"]
                                                           for k, v in q["fixture"].items()]), ""]
     return "\n".join(lines)
