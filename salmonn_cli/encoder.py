@@ -53,13 +53,14 @@ class AudioEncoder:
             raise ModelError(f"cannot load audio encoder {quoted(path)}: {first}") from None
         finally:
             ort.set_default_logger_severity(3)
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         names = {i.name for i in self.session.get_inputs()}
         if names != {INPUT_MEL, INPUT_FBANK}:
             raise ModelError(f"audio encoder {quoted(path)} has inputs {sorted(names)}, "
                              f"expected {INPUT_MEL!r} and {INPUT_FBANK!r}")
         self.provider = self.session.get_providers()[0]
+        self.run_options = ort.RunOptions()     # the CPU arena, shrunk after each call (session_options)
+        if self.provider == "CPUExecutionProvider":
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         if device == "cuda" and self.provider != CUDA_PROVIDER:
             raise DeviceError(f"--device cuda: ONNX Runtime's CUDA provider did not load for {quoted(path)} "
                               f"(set {DEBUG_ENV}=1 to see ONNX Runtime's log)")
