@@ -33,7 +33,7 @@ def export(
     default_beams: int = typer.Option(1, "--default-beams", min=1, max=MAX_BEAMS, help="The decoding written into the "
                                       "manifest: what ask and transcribe use without --beams (1 = greedy; 4 = the official)."),
     encoder_quant: Optional[str] = typer.Option(None, "--encoder-quant", help="The audio encoder: fp32 or int8 "
-                                                "(faster, less exact: README) [default: fp32]."),
+                                                "(faster, less exact: README) [default: int8 with a q* --quant, fp32 with f32 or f16]."),
     requantize_encoder: Optional[Path] = typer.Option(None, "--requantize-encoder", help="Instead of exporting: "
                                                       "switch this model directory's audio encoder to --encoder-quant."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -73,7 +73,7 @@ def export(
     else:
         raise SalmonnError("give --official-ckpt (with --whisper, --beats, --llm) or --checkpoint")
     export_model(ckpt=ckpt, whisper=whisper, beats=beats, llm=llm, out=out, quant=quant, force=force,
-                 qformer_heads=qformer_heads, default_beams=default_beams, encoder_quant=encoder_quant or "fp32",
+                 qformer_heads=qformer_heads, default_beams=default_beams, encoder_quant=encoder_quant,
                  log=lambda m: print(m, file=sys.stderr))
 
 

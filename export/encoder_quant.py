@@ -17,6 +17,15 @@ from salmonn_cli.encoder import INPUT_FBANK, INPUT_MEL
 from salmonn_cli.manifest import ENCODER_QUANTS  # noqa: F401  (the choices, re-exported for export)
 
 FP32_ENCODER_FILE = "audio_encoder.onnx"
+# LLM quantizations that are exact or nearly (the reference path, f32; f16 within 5e-3 of its logits) keep
+# the fp32 encoder; an integer-quantized LLM gets the int8 encoder, whose audio tokens move less than its
+# own rounding does (BENCHMARKS.md, "int8 audio encoder")
+FP32_ENCODER_LLM_QUANTS = ("f32", "f16")
+
+
+def default_encoder_quant(llm_quant: str) -> str:
+    """The audio encoder an export gets without --encoder-quant, given the LLM's quantization."""
+    return "fp32" if llm_quant in FP32_ENCODER_LLM_QUANTS else "int8"
 # The ways to reach int8 that benchmarks/encoder_int8.py compares; METHOD is the one export uses.
 METHODS = ("dynamic", "dynamic_per_channel", "nbits8")
 METHOD = "dynamic_per_channel"

@@ -78,13 +78,13 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 
 def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,
                  force: bool = False, qformer_heads: int | None = None, default_beams: int = 1,
-                 tasks: list[str] | None = None, encoder_quant: str = "fp32", log=print) -> Path:
+                 tasks: list[str] | None = None, encoder_quant: str | None = None, log=print) -> Path:
     """`encoder_quant`: fp32 (the exported graph) or int8 (export/encoder_quant.py; the fp32 file is
-    not kept). int8 is not the default: it misses the audio-token quality bar on salmonn-nano's trained
-    weights (BENCHMARKS.md, "int8 audio encoder")."""
+    not kept); None: int8 with an integer-quantized LLM, fp32 with f32 or f16 (`default_encoder_quant`)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from export.encoder_quant import ENCODER_QUANTS, FP32_ENCODER_FILE, encoder_file_name, quantize_encoder
+    from export.encoder_quant import (ENCODER_QUANTS, FP32_ENCODER_FILE, default_encoder_quant, encoder_file_name,
+                                      quantize_encoder)
     from export.gguf import official_lora_pairs, write_llama_gguf, write_lora_adapter_gguf
     from export.onnx_encoder import export_audio_encoder
     from export.quantize import QUANT_TYPES, quantize_gguf
@@ -93,6 +93,8 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
 
     if quant not in QUANT_TYPES:
         raise SalmonnError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if encoder_quant is None:
+        encoder_quant = default_encoder_quant(quant)
     if encoder_quant not in ENCODER_QUANTS:
         raise SalmonnError(f"unknown encoder quantization {encoder_quant!r}; choose one of {', '.join(ENCODER_QUANTS)}")
     for label, path in (("checkpoint", ckpt), ("Whisper directory", whisper),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import OFFICIAL_TINY, REFERENCE_INPUTS, export_fixture, salmonn
+from export.encoder_quant import default_encoder_quant
 from salmonn_cli import audio
 from salmonn_cli.encoder import AudioEncoder
 from salmonn_cli.manifest import load_manifest, sha256_of
@@ -65,10 +66,14 @@ def test_int8_export_records_the_int8_encoder_and_answers(model_q8_int8, referen
             assert out["tokens"][0] in top2.tolist()
 
 
-def test_exports_default_to_the_fp32_encoder(model_f32, model_q8):
-    for model in (model_f32, model_q8):
+def test_the_llm_quantization_picks_the_default_encoder(model_f32, model_q8):
+    """f32 (the exact path) keeps the fp32 encoder; an integer-quantized LLM gets the int8 one."""
+    for model, encoder_quant, name in ((model_f32, "fp32", FP32_FILE), (model_q8, "int8", INT8_FILE)):
         manifest = json.loads((model / "salmonn.json").read_text())
-        assert manifest["audio_encoder"] == FP32_FILE and manifest["encoder_quant"] == "fp32"
+        assert manifest["audio_encoder"] == name and manifest["encoder_quant"] == encoder_quant
+        assert set(manifest["files"]) == {name, f"llm-{manifest['quant']}.gguf", "lora-adapter.gguf"}
+    assert [default_encoder_quant(q) for q in ("f32", "f16", "q8_0", "q5_k_m", "q4_k_m")] == \
+        ["fp32", "fp32", "int8", "int8", "int8"]
 
 
 def test_requantize_adds_the_int8_encoder_and_keeps_the_fp32_one(model_f32, model_int8):
