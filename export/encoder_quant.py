@@ -14,6 +14,7 @@ from pathlib import Path
 
 from salmonn_cli.atomic_file import atomic_file
 from salmonn_cli.encoder import INPUT_FBANK, INPUT_MEL
+from salmonn_cli.errors import SalmonnError, quoted
 from salmonn_cli.manifest import ENCODER_QUANTS  # noqa: F401  (the choices, re-exported for export)
 
 FP32_ENCODER_FILE = "audio_encoder.onnx"
@@ -84,6 +85,12 @@ def quantize_encoder(src: Path, dst: Path, method: str = METHOD, parts: tuple[st
 
     if method not in METHODS:
         raise ValueError(f"unknown encoder quantization method {method!r}; choose one of {', '.join(METHODS)}")
+    # onnx refuses to read external weights that have other hard links (a guard against planted links):
+    # say so in one line, with the way out, instead of its error deep inside the load
+    weights = src.with_name(src.name + ".data")
+    if weights.is_file() and weights.stat().st_nlink > 1:
+        raise SalmonnError(f"{quoted(weights)} has other hard links (a `cp -al` copy?), and onnx will not read "
+                           "such a file: copy it (cp --remove-destination) or the directory (cp -r) first")
     model = onnx.load(str(src))
     # The exporter's intermediate shapes disagree with ONNX's own shape inference in places
     # ("Inferred shape and existing shape differ"), which the quantizer runs: let it infer them afresh.

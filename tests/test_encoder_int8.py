@@ -11,15 +11,17 @@ benchmarks/encoder_int8.py and BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 
 from conftest import OFFICIAL_TINY, REFERENCE_INPUTS, export_fixture, salmonn
-from export.encoder_quant import default_encoder_quant
+from export.encoder_quant import default_encoder_quant, quantize_encoder
 from salmonn_cli import audio
 from salmonn_cli.encoder import AudioEncoder
+from salmonn_cli.errors import SalmonnError
 from salmonn_cli.manifest import load_manifest, sha256_of
 from salmonn_cli.pipeline import encoder_inputs
 from test_cli import ask_json, one_line_error
@@ -182,3 +184,16 @@ def test_unknown_encoder_quant_in_the_manifest_is_malformed(model_int8, tmp_path
     (model / "salmonn.json").write_text(json.dumps({**d, "encoder_quant": "int3"}))
     line = one_line_error(salmonn("ask", OFFICIAL_TINY / "speech_2p5s.wav", "Hi", "--model", model))
     assert "malformed" in line and "encoder_quant" in line
+
+
+def test_hard_linked_external_weights_are_one_clear_error(tmp_path):
+    """A real-shape encoder keeps its weights in `audio_encoder.onnx.data`; onnx refuses to read that file
+    when it has other hard links (`cp -al` of a model directory): one line naming it, nothing written."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / FP32_FILE).write_bytes(b"graph")
+    (tmp_path / "original.data").write_bytes(b"weights")
+    os.link(tmp_path / "original.data", model / (FP32_FILE + ".data"))
+    with pytest.raises(SalmonnError, match="has other hard links"):
+        quantize_encoder(model / FP32_FILE, model / INT8_FILE)
+    assert sorted(p.name for p in model.iterdir()) == [FP32_FILE, FP32_FILE + ".data"]
