@@ -85,6 +85,14 @@ def context_option():
                         "audio past 30 s fills what the prompt and answer leave free.")
 
 
+def top_p_option():
+    return typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0).")
+
+
+def seed_option():
+    return typer.Option(None, "--seed", help="Random seed for sampling.")
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -178,8 +186,8 @@ def ask(
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = no sampling (greedy, or --beams); > 0 samples with one beam."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    top_p: float = top_p_option(),
+    seed: Optional[int] = seed_option(),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams (the official "
                                         "SALMONN decoding uses 4); 1 = greedy; the answer is printed when the search ends "
                                         "[default: the model's own, from its manifest; 1 with --temperature > 0]."),
@@ -301,8 +309,8 @@ def chat(
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = no sampling (greedy, or --beams); > 0 samples with one beam."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    top_p: float = top_p_option(),
+    seed: Optional[int] = seed_option(),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams; each answer "
                                         "is printed when its search ends [default: the model's own]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s, as the official SALMONN does."),
@@ -459,8 +467,8 @@ def listen(
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per utterance."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (listen has no beam search); > 0 samples."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    top_p: float = top_p_option(),
+    seed: Optional[int] = seed_option(),
     threads: Optional[int] = threads_option(),
     device: str = device_option(),
     n_gpu_layers: Optional[int] = gpu_layers_option(),

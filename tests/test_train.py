@@ -451,20 +451,26 @@ def test_cpu_bf16_autocast_and_a_muted_beats_stream(base):
     assert 0 < gain.abs().max() < 1, gain
 
 
-def test_cached_encoder_outputs_train_exactly_like_the_encoders(base, tmp_path, monkeypatch):
-    """`[run] cache_encoders`: each clip's frozen Whisper and BEATs outputs are computed once and
-    reused (clip0 is in the set twice, and every clip comes back in the second epoch); with
-    batches of one clip the cached run ends bitwise equal to the run that encodes every step."""
+@pytest.fixture
+def caches(monkeypatch) -> list:
+    """Every FrozenEncoderCache the training runs of a test create, in order."""
     from train.encoder_cache import FrozenEncoderCache
 
-    caches = []
+    made = []
     original_init = FrozenEncoderCache.__init__
 
     def remember(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        caches.append(self)
+        made.append(self)
 
     monkeypatch.setattr(FrozenEncoderCache, "__init__", remember)
+    return made
+
+
+def test_cached_encoder_outputs_train_exactly_like_the_encoders(base, tmp_path, caches):
+    """`[run] cache_encoders`: each clip's frozen Whisper and BEATs outputs are computed once and
+    reused (clip0 is in the set twice, and every clip comes back in the second epoch); with
+    batches of one clip the cached run ends bitwise equal to the run that encodes every step."""
     sections = {"model": {"lora_dropout": 0.0, "qformer_dropout": 0.0},
                 "data": {"valid": str(base / "valid.json")},
                 "optim": {"batch_size": 1, "accum_steps": 2, "max_steps": 4}}
@@ -480,20 +486,10 @@ def test_cached_encoder_outputs_train_exactly_like_the_encoders(base, tmp_path, 
     assert [r["loss"] for r in read_log(plain.parent, "valid")] == [r["loss"] for r in read_log(cached.parent, "valid")]
 
 
-def test_encoder_cache_on_disk_serves_a_later_run(base, tmp_path, monkeypatch):
+def test_encoder_cache_on_disk_serves_a_later_run(base, tmp_path, caches):
     """`[run] encoder_cache_dir`: a second run with the same encoders and audio computes no encoder
     output and trains exactly as the first; a rewritten audio file misses (its entry is keyed by the
     file's size and time, not its path alone)."""
-    from train.encoder_cache import FrozenEncoderCache
-
-    caches = []
-    original_init = FrozenEncoderCache.__init__
-
-    def remember(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        caches.append(self)
-
-    monkeypatch.setattr(FrozenEncoderCache, "__init__", remember)
     sections = {"model": {"lora_dropout": 0.0, "qformer_dropout": 0.0},
                 "optim": {"batch_size": 1, "max_steps": 3},
                 "run": {"cache_encoders": True, "encoder_cache_dir": str(tmp_path / "encoder-cache")}}
