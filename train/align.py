@@ -230,7 +230,8 @@ def ctc_loss(log_probs: torch.Tensor, targets: list[list[int]], counts: list[int
     """CTC of (B, T, 1 + V) log-probabilities (blank 0) against each sample's target classes; a target
     that cannot fit its sample's `counts` tokens adds nothing."""
     device = log_probs.device
-    return F.ctc_loss(log_probs.transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
+    # torch's CPU CTC has no bf16 kernel, and CPU autocast may leave the head's output in bf16
+    return F.ctc_loss(log_probs.float().transpose(0, 1), torch.tensor([c for t in targets for c in t], device=device),
                       torch.tensor(counts), torch.tensor([len(t) for t in targets]), blank=0,
                       reduction=reduction, zero_infinity=True)
 
