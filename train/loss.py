@@ -28,7 +28,7 @@ from torch import nn
 from salmonn_cli.trim import audio_token_count, mel_frame_count
 from train.data import IGNORE_INDEX, Batch
 from train.encoder_cache import FrozenEncoderCache
-from train.model import Salmonn, cut_windows, pad_time, project_audio_tokens
+from train.model import Salmonn, pad_time, project_audio_tokens, window_index, window_starts
 
 
 def beats_grad(model: Salmonn):
@@ -88,22 +88,26 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
     speech, sounds = frozen_states(model, mel, fbanks, keys, cache)
     config = model.config
     encoder = model.audio_encoder()
+    kernel, stride = config.window_frames, config.stride_frames
     if config.trim_windows:
         fused = [encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a.unsqueeze(0))) for s, a in zip(speech, sounds)]
-        windows = [cut_windows(f, config.window_frames, config.stride_frames)[0] for f in fused]
+        # the clips end to end on one time axis, each cut into its own windows
+        starts = [window_starts(f.shape[1], kernel, stride, f.device) for f in fused]
+        offsets = torch.tensor([0] + [f.shape[1] for f in fused[:-1]], device=mel.device).cumsum(0).tolist()
+        index = window_index(torch.cat([s + offset for s, offset in zip(starts, offsets)]), kernel)
+        counts = [len(s) for s in starts]
+        queries = model.speech_Qformer.read(model.speech_query_tokens, torch.cat(fused, dim=1), index)
     else:
         speech = model.ln_speech(torch.stack(speech))
         sounds = [model.ln_audio(s) for s in sounds]
         frames = max(speech.shape[1], *(s.shape[0] for s in sounds))
         sounds = torch.stack([pad_time(s.unsqueeze(0), frames)[0] for s in sounds])
         fused = torch.cat([pad_time(speech, frames), sounds], dim=-1)
-        windows = list(cut_windows(fused, config.window_frames, config.stride_frames))
+        starts = window_starts(frames, kernel, stride, fused.device)
+        counts = [len(starts)] * fused.shape[0]
+        queries = model.speech_Qformer.read(model.speech_query_tokens, fused, window_index(starts, kernel))
         fused = list(fused.unsqueeze(1))
-    counts = [w.shape[0] for w in windows]
-    windows = torch.cat(windows)
-    queries = model.speech_query_tokens.expand(windows.shape[0], -1, -1)
-    tokens = project_audio_tokens(model.speech_llama_proj, model.speech_Qformer(queries, windows),
-                                  config.audio_token_rms)
+    tokens = project_audio_tokens(model.speech_llama_proj, queries, config.audio_token_rms)
     per_clip = [t.reshape(-1, t.shape[-1]) for t in tokens.split(counts)]
     if model.clip_token_head is not None:
         # each clip's frames with its own log-mel columns (those Whisper read when trimmed), one padded batch;

@@ -17,10 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from salmonn_cli.config import LlmDims, LoraDims, SalmonnConfig
+from salmonn_cli.config import WHISPER_DECODER_QFORMER, LlmDims, LoraDims, SalmonnConfig
 from salmonn_cli.errors import ModelError
 from salmonn_cli.trim import mel_frame_count
 from train.beats import BEATs
+from train.decoder_qformer import WhisperDecoderQFormer
 from train.qformer import QFormer
 from train.whisper import build_whisper_encoder
 
@@ -111,12 +112,20 @@ def whisper_states(encoder: WhisperEncoder, mel: torch.Tensor) -> torch.Tensor:
     return encoder.layer_norm(x)
 
 
+def window_starts(frames, kernel: int, stride: int, device=None) -> torch.Tensor:
+    """First frame of each window over `frames` frames: L = (frames - kernel) // stride + 1 of them;
+    trailing frames are dropped."""
+    return torch.arange((frames - kernel) // stride + 1, device=device) * stride
+
+
+def window_index(starts: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(L,) window starts -> (L, kernel) frame indices: `x[:, index]` cuts (B, T, C) into (B, L, kernel, C)."""
+    return starts.unsqueeze(1) + torch.arange(kernel, device=starts.device).unsqueeze(0)
+
+
 def cut_windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """(B, T, C) -> (B, L, kernel, C) with L = (T - kernel) // stride + 1; trailing frames are dropped."""
-    n_windows = (x.shape[1] - kernel) // stride + 1
-    starts = torch.arange(n_windows, device=x.device) * stride
-    index = starts.unsqueeze(1) + torch.arange(kernel, device=x.device).unsqueeze(0)
-    return x[:, index]
+    return x[:, window_index(window_starts(x.shape[1], kernel, stride, x.device), kernel)]
 
 
 def scale_to_rms(tokens: torch.Tensor, rms: float | None) -> torch.Tensor:
@@ -215,12 +224,9 @@ class AudioEncoder(nn.Module):
         return self.join(self.ln_speech(self.whisper(mel)), self.ln_audio(self.beats(fbank)))
 
     def qformer(self, fused: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> Q-Former last hidden state (B * L, Q, qformer_hidden)."""
-        windows = cut_windows(fused, self.window_frames, self.stride_frames)
-        b, n_windows, kernel, width = windows.shape
-        windows = windows.reshape(b * n_windows, kernel, width)
-        queries = self.speech_query_tokens.expand(windows.shape[0], -1, -1)
-        return self.speech_Qformer(queries, windows)
+        """(B, T, C) -> Q-Former output (B * L, tokens per window, qformer_hidden)."""
+        starts = window_starts(fused.shape[1], self.window_frames, self.stride_frames, fused.device)
+        return self.speech_Qformer.read(self.speech_query_tokens, fused, window_index(starts, self.window_frames))
 
     def project(self, queries: torch.Tensor) -> torch.Tensor:
         """Q-Former output (..., qformer_hidden) -> LLM-space tokens (..., llm_hidden)."""
@@ -266,7 +272,8 @@ class Salmonn(nn.Module):
         self.beats = beats if beats is not None else BEATs(config.beats)
         self.ln_speech = nn.LayerNorm(config.whisper.d_model, eps=LN_SPEECH_EPS)
         self.ln_audio = nn.LayerNorm(config.beats.encoder_embed_dim, eps=LN_SPEECH_EPS)
-        self.speech_Qformer = QFormer(config.qformer, config.fused_width)
+        qformer = WhisperDecoderQFormer if config.qformer.kind == WHISPER_DECODER_QFORMER else QFormer
+        self.speech_Qformer = qformer(config.qformer, config.fused_width)
         self.speech_query_tokens = nn.Parameter(
             torch.randn(1, config.qformer.num_query_tokens, config.qformer.hidden) * QUERY_TOKEN_INIT_STD)
         self.speech_llama_proj = nn.Linear(config.qformer.hidden, config.llm.hidden_size)

@@ -14,9 +14,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from salmonn_cli.atomic_file import atomic_file
-from salmonn_cli.config import LoraDims, QFormerDims, SalmonnConfig
+from salmonn_cli.config import (BERT_QFORMER, QFORMER_KINDS, WHISPER_DECODER_QFORMER, LoraDims, QFormerDims,
+                                SalmonnConfig)
 from salmonn_cli.errors import ModelError
 from train.beats import load_beats
+from train.ct2_whisper import is_ct2_model, read_ct2_decoder
+from train.decoder_qformer import DECODER_QFORMER_LN_EPS, load_whisper_decoder
 from train.hf_files import read_llm_dims, read_tensors
 from train.model import LORA_ADAPTER, Salmonn, build_llama, is_trainable_name, llama_config
 from train.whisper import load_whisper_encoder
@@ -47,6 +50,10 @@ TRIM_WINDOWS_KEY = "trim_windows"
 AUDIO_TOKEN_RMS_KEY = "audio_token_rms"
 # Not an official key: the hidden width of the clip token's MLP; absent or 0 = no clip token (SalmonnConfig).
 CLIP_TOKEN_HIDDEN_KEY = "clip_token_hidden"
+# Not an official key: the window Q-Former's kind (QFormerDims.kind); absent = the official BERT one.
+QFORMER_KIND_KEY = "qformer_kind"
+DECODER_QFORMER_PREFIX = "speech_Qformer.blocks."
+DECODER_LAYER_INDEX_RE = re.compile(re.escape(DECODER_QFORMER_PREFIX) + r"(\d+)\.")
 
 
 def optional_float(value) -> float | None:
@@ -97,9 +104,27 @@ def checkpoint_sources(ckpt_path: Path) -> dict:
     return sources
 
 
-def qformer_dims_from_state(state: dict[str, torch.Tensor], heads: int | None) -> QFormerDims:
+def decoder_qformer_dims_from_state(state: dict[str, torch.Tensor], heads: int | None) -> QFormerDims:
+    """The Whisper-decoder Q-Former's shapes (train/decoder_qformer.py); heads must be given."""
+    _, n_query, hidden = state[QUERY_TOKENS_KEY].shape
+    layers = {int(m.group(1)) for key in state if (m := DECODER_LAYER_INDEX_RE.match(key))}
+    fc1_key = f"{DECODER_QFORMER_PREFIX}0.mlp.0.weight"
+    if not layers or fc1_key not in state:
+        raise ModelError(f"checkpoint has no Whisper-decoder Q-Former blocks ({fc1_key!r})")
+    if heads is None or heads < 1 or hidden % heads:
+        raise ModelError(f"checkpoint's {QFORMER_HEADS_KEY} ({heads}) does not split its Q-Former width {hidden}")
+    return QFormerDims(kind=WHISPER_DECODER_QFORMER, hidden=hidden, n_layers=max(layers) + 1, n_heads=heads,
+                       intermediate=state[fc1_key].shape[0], layer_norm_eps=DECODER_QFORMER_LN_EPS,
+                       num_query_tokens=n_query)
+
+
+def qformer_dims_from_state(state: dict[str, torch.Tensor], heads: int | None, kind: str = BERT_QFORMER) -> QFormerDims:
     if QUERY_TOKENS_KEY not in state:
         raise ModelError(f"checkpoint lacks {QUERY_TOKENS_KEY!r}")
+    if kind == WHISPER_DECODER_QFORMER:
+        return decoder_qformer_dims_from_state(state, heads)
+    if kind != BERT_QFORMER:
+        raise ModelError(f"checkpoint names an unknown Q-Former kind {kind!r} (known: {', '.join(QFORMER_KINDS)})")
     _, n_query, hidden = state[QUERY_TOKENS_KEY].shape
     layers = {int(m.group(1)) for key in state if (m := LAYER_INDEX_RE.match(key))}
     if not layers:
@@ -158,7 +183,7 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
     defaults = SalmonnConfig()
     config = SalmonnConfig(
         whisper=whisper_dims, beats=beats.dims,
-        qformer=qformer_dims_from_state(state, qformer_heads),
+        qformer=qformer_dims_from_state(state, qformer_heads, str(model_cfg.get(QFORMER_KIND_KEY) or BERT_QFORMER)),
         llm=llm_dims, lora=lora_dims_from_state(state, model_cfg),
         second_per_window=float(model_cfg.get("second_per_window", defaults.second_per_window)),
         second_stride=float(model_cfg.get("second_stride", defaults.second_stride)),
@@ -239,7 +264,8 @@ def _target(model: Salmonn, trainable: dict[str, torch.Tensor], key: str) -> tor
 
 def official_model_config(config: SalmonnConfig) -> dict:
     """The `ckpt['config']['model']` entries that describe the trained tensors."""
-    return {
+    kind = {} if config.qformer.kind == BERT_QFORMER else {QFORMER_KIND_KEY: config.qformer.kind}
+    return {**kind,
         "num_speech_query_token": config.qformer.num_query_tokens,
         "second_per_window": config.second_per_window,
         "second_stride": config.second_stride,
@@ -282,7 +308,16 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
     """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
     trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode.
 
-    `normalize_audio_tokens` sets `config.audio_token_rms` to the RMS of the LLM's input embeddings."""
+    `normalize_audio_tokens` sets `config.audio_token_rms` to the RMS of the LLM's input embeddings.
+    A `qformer` of kind "whisper_decoder" takes its shapes and first weights from the Whisper model's
+    decoder (train/decoder_qformer.py; a CTranslate2 Whisper)."""
+    decoder = None
+    if qformer.kind == WHISPER_DECODER_QFORMER:
+        if not is_ct2_model(whisper_dir):
+            raise ModelError(f"a Whisper-decoder Q-Former is read from a CTranslate2 Whisper (model.bin); "
+                             f"{whisper_dir} is not one")
+        decoder = read_ct2_decoder(whisper_dir)
+        qformer = decoder.qformer_dims()
     whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
     beats = load_beats(beats_path)
     llm_dims = read_llm_dims(llm_dir)
@@ -301,4 +336,6 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         embeddings = llm.get_input_embeddings().weight.detach().float()
         config.audio_token_rms = round(float(embeddings.pow(2).mean().sqrt()), 6)
     model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
+    if decoder is not None:
+        load_whisper_decoder(model.speech_Qformer, model.speech_query_tokens, model.ln_speech, decoder)
     return model.float().eval(), config

@@ -148,6 +148,13 @@ class QFormer(nn.Module):
     def forward(self, queries: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         return self.bert(queries, frames)
 
+    def read(self, queries: torch.Tensor, frames: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Query tokens (1, Q, hidden), frames (B, T, C), windows' frame indices (L, k) -> (B * L, Q, hidden)."""
+        windows = frames[:, index]
+        b, n_windows, kernel, width = windows.shape
+        windows = windows.reshape(b * n_windows, kernel, width)
+        return self(queries.expand(windows.shape[0], -1, -1), windows)
+
 
 def _init_bert_weights(module: nn.Module) -> None:
     """BERT init (normal 0.02, zero bias, LayerNorm 1/0), as the official Q-Former starts from."""

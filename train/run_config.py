@@ -30,6 +30,9 @@ class ModelSection:
     llama_path: str = ""
     # a previous stage's checkpoint: its trained tensors and shapes replace the fresh ones below
     init_checkpoint: str = ""
+    # "bert" (official) or "whisper_decoder": Whisper's text decoder as the window Q-Former, its shapes and
+    # first weights read from `whisper_path` (then the qformer_* sizes below are not used)
+    qformer_kind: str = "bert"
     qformer_hidden: int = 768
     qformer_layers: int = 2
     qformer_heads: int = 12
@@ -63,8 +66,9 @@ class ModelSection:
     max_txt_len: int = 300          # answer tokens (EOS included) kept per sample
 
     def qformer_dims(self) -> QFormerDims:
-        return QFormerDims(hidden=self.qformer_hidden, n_layers=self.qformer_layers, n_heads=self.qformer_heads,
-                           intermediate=self.qformer_intermediate, num_query_tokens=self.num_query_tokens)
+        return QFormerDims(kind=self.qformer_kind, hidden=self.qformer_hidden, n_layers=self.qformer_layers,
+                           n_heads=self.qformer_heads, intermediate=self.qformer_intermediate,
+                           num_query_tokens=self.num_query_tokens)
 
     def lora_dims(self) -> LoraDims:
         return LoraDims(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
