@@ -22,29 +22,17 @@ import torch
 from torch import nn
 
 from salmonn_cli.config import QFormerDims, WHISPER_DECODER_QFORMER
+from train.qformer import DROPOUT, MultiHeadAttention
 
-DROPOUT = 0.1  # only active in train mode; `[model] qformer_dropout` sets it
 DECODER_QFORMER_LN_EPS = 1e-5   # Whisper's LayerNorms
 
 
-class Attention(nn.Module):
-    """Multi-head attention; key/value projections read `context_width`-wide inputs."""
+class Attention(MultiHeadAttention):
+    """The Q-Former's attention core plus Whisper's output projection; key/value read `context_width`-wide inputs."""
 
     def __init__(self, hidden: int, n_heads: int, context_width: int):
-        super().__init__()
-        if hidden % n_heads:
-            raise ValueError(f"Q-Former hidden {hidden} is not divisible by {n_heads} heads")
-        self.n_heads = n_heads
-        self.head_dim = hidden // n_heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(context_width, hidden)
-        self.value = nn.Linear(context_width, hidden)
+        super().__init__(hidden, n_heads, context_width)
         self.out = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(DROPOUT)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, hidden: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
