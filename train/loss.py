@@ -21,6 +21,8 @@ then any split over processes and micro-steps gives the same gradient (train/loo
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,7 +95,7 @@ def encode_batch(model: Salmonn, mel: torch.Tensor, fbanks: list[torch.Tensor],
         fused = [encoder.join(model.ln_speech(s.unsqueeze(0)), model.ln_audio(a.unsqueeze(0))) for s, a in zip(speech, sounds)]
         # the clips end to end on one time axis, each cut into its own windows
         starts = [window_starts(f.shape[1], kernel, stride, f.device) for f in fused]
-        offsets = torch.tensor([0] + [f.shape[1] for f in fused[:-1]], device=mel.device).cumsum(0).tolist()
+        offsets = itertools.accumulate((f.shape[1] for f in fused[:-1]), initial=0)
         index = window_index(torch.cat([s + offset for s, offset in zip(starts, offsets)]), kernel)
         counts = [len(s) for s in starts]
         queries = model.speech_Qformer.read(model.speech_query_tokens, torch.cat(fused, dim=1), index)

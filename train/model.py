@@ -123,11 +123,6 @@ def window_index(starts: torch.Tensor, kernel: int) -> torch.Tensor:
     return starts.unsqueeze(1) + torch.arange(kernel, device=starts.device).unsqueeze(0)
 
 
-def cut_windows(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
-    """(B, T, C) -> (B, L, kernel, C) with L = (T - kernel) // stride + 1; trailing frames are dropped."""
-    return x[:, window_index(window_starts(x.shape[1], kernel, stride, x.device), kernel)]
-
-
 def scale_to_rms(tokens: torch.Tensor, rms: float | None) -> torch.Tensor:
     """Each token (last axis) rescaled to root-mean-square `rms`; unchanged for None."""
     if rms is None:

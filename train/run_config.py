@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from salmonn_cli.config import LoraDims, QFormerDims
+from salmonn_cli.config import QFORMER_KINDS, LoraDims, QFormerDims
 from salmonn_cli.errors import SalmonnError
 
 AMP_MODES = ("fp16", "bf16", "none")
@@ -187,6 +187,8 @@ class TrainConfig:
                              ("run", "save_every"), ("run", "val_every"), ("model", "max_txt_len")):
             if getattr(getattr(self, section), key) < 1:
                 raise ConfigError(f"[{section}] {key} must be at least 1")
+        if m.qformer_kind not in QFORMER_KINDS:
+            raise ConfigError(f"[model] qformer_kind must be one of {', '.join(QFORMER_KINDS)}, not {m.qformer_kind!r}")
         if not 0 <= m.beats_stream_gain < float("inf"):        # also refuses TOML's nan
             raise ConfigError(f"[model] beats_stream_gain must be a finite number >= 0, not {m.beats_stream_gain}")
         a = self.align
