@@ -144,6 +144,11 @@ class SalmonnConfig:
     # reaches the LLM in one token.
     # 0 = the official window tokens only.
     clip_token_hidden: int = 0
+    # Not official: > 0 projects each window token through this many entries of Whisper's vocabulary (the
+    # Whisper-decoder Q-Former only): softmax over Whisper's next-token logits, times the LLM's input
+    # embedding of each entry's text, plus a linear path (train/vocab_projection.py).
+    # 0 = the official linear projection.
+    audio_vocab: int = 0
     # Prompt: `prompt_template` wraps the instruction; `speech_tag` is the instruction's audio part,
     # and `audio_placeholder` marks where the audio embeddings go.
     prompt_template: str = VICUNA_PROMPT_TEMPLATE

@@ -30,7 +30,7 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Config sizes: the largest real ones (vocabularies, context lengths) are a few hundred thousand.
 MAX_CONFIG_INT = 1 << 21
 # Whole-number config values that may be 0; every other one is at least 1.
-ZERO_ALLOWED_INTS = {"clip_token_hidden", "llm.bos_token_id", "llm.eos_token_id"}
+ZERO_ALLOWED_INTS = {"clip_token_hidden", "audio_vocab", "llm.bos_token_id", "llm.eos_token_id"}
 # Float config values with their own range: (low, high, low inclusive); the others are > 0.
 MAX_WINDOW_SECONDS = 600.0
 FLOAT_RANGES = {

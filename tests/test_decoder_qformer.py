@@ -163,12 +163,13 @@ def test_windows_name_the_spoken_words(tiny_en):
 
 # --- a small random Whisper with a decoder -----------------------------------------------------------
 
-def small_ct2_whisper(folder: Path, seed: int = 0) -> Path:
-    """SMALL's random encoder plus a random decoder in CTranslate2's layout, and a vocabulary holding the prompt."""
+def small_ct2_whisper(folder: Path, seed: int = 0, vocab: list[str] | None = None) -> Path:
+    """SMALL's random encoder plus a random decoder in CTranslate2's layout, and a vocabulary holding the prompt
+    (by default 60 made-up tokens before it)."""
     variables = ct2_variables(random_encoder(SMALL, seed), SMALL.n_heads)
     rng = np.random.default_rng(seed)
     d, ffn = SMALL.d_model, SMALL.ffn_dim
-    vocab = [f"tok{i}" for i in range(60)] + list(PROMPT)
+    vocab = [f"tok{i}" for i in range(60)] + list(PROMPT) if vocab is None else vocab
     r = lambda *shape, s=0.05: rng.normal(0, s, shape).astype(np.float32)   # noqa: E731
     variables["decoder/num_heads"] = np.int16(SMALL.n_heads)
     variables["decoder/embeddings/weight"] = r(len(vocab), d, s=0.5)

@@ -185,6 +185,8 @@ def test_config_errors_and_overrides(tmp_path):
     assert load_train_config(path, ['run.cpu_amp="auto"']).run.cpu_amp == "auto"
     with pytest.raises(ConfigError, match="qformer_kind must be one of bert, whisper_decoder, not 'gpt'"):
         load_train_config(path, ['model.qformer_kind="gpt"'])
+    with pytest.raises(ConfigError, match="audio_vocab must be 0, or > 0 with qformer_kind = 'whisper_decoder'"):
+        load_train_config(path, ["model.audio_vocab=4096"])
     for gain in ("-1.0", "nan", "inf"):
         with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
             load_train_config(path, [f"model.beats_stream_gain={gain}"])

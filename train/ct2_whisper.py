@@ -300,16 +300,21 @@ ENGLISH_ONLY_PROMPT = ("<|startoftranscript|>", "<|notimestamps|>")
 MULTILINGUAL_PROMPT = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")
 
 
-def _prompt_ids(path: Path, vocab_size: int) -> tuple[int, ...]:
+def _read_vocabulary(path: Path) -> list[str]:
+    """Whisper's tokens (byte-level BPE spellings) from vocabulary.txt beside model.bin, one per line."""
     vocabulary = path.parent / VOCABULARY_FILE
     try:
-        ids = {token: i for i, token in enumerate(vocabulary.read_text(encoding="utf-8").splitlines())}
+        return vocabulary.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ModelError(f"cannot read Whisper's vocabulary {vocabulary}: {exc.strerror or exc}") from exc
-    prompt = ENGLISH_ONLY_PROMPT if vocab_size == ENGLISH_ONLY_VOCAB else MULTILINGUAL_PROMPT
+
+
+def _prompt_ids(path: Path, tokens: list[str]) -> tuple[int, ...]:
+    ids = {token: i for i, token in enumerate(tokens)}
+    prompt = ENGLISH_ONLY_PROMPT if len(tokens) == ENGLISH_ONLY_VOCAB else MULTILINGUAL_PROMPT
     missing = [token for token in prompt if token not in ids]
     if missing:
-        raise ModelError(f"{vocabulary} lacks {', '.join(missing)}: not a Whisper vocabulary")
+        raise ModelError(f"{path.parent / VOCABULARY_FILE} lacks {', '.join(missing)}: not a Whisper vocabulary")
     return tuple(ids[token] for token in prompt)
 
 
@@ -356,11 +361,15 @@ def read_ct2_decoder(path: Path) -> WhisperDecoderWeights:
             w[f"{fc}_bias"] = tensor(f"{p}ffn/linear_{k}/bias")
         parts.append(w)
     n_heads = int(model.raw(DECODER_HEADS_VAR))
+    vocabulary = _read_vocabulary(file)
+    if len(vocabulary) != embedding.shape[0]:
+        raise ModelError(f"{file.parent / VOCABULARY_FILE} has {len(vocabulary)} tokens, "
+                         f"the decoder's embedding {embedding.shape[0]}")
     if n_heads < 1 or d % n_heads:
         raise ModelError(f"{model.path}: decoder width {d} cannot be split into {n_heads} heads")
     return WhisperDecoderWeights(
         token_embedding=embedding, positions=tensor("position_encodings/encodings"), layers=parts,
         ln_weight=tensor("layer_norm/gamma"), ln_bias=tensor("layer_norm/beta"), n_heads=n_heads,
-        prompt_ids=_prompt_ids(file, embedding.shape[0]),
+        prompt_ids=_prompt_ids(file, vocabulary), vocabulary=tuple(vocabulary),
         encoder_ln_weight=torch.from_numpy(np.ascontiguousarray(model.float32(ENCODER + "layer_norm/gamma"))),
         encoder_ln_bias=torch.from_numpy(np.ascontiguousarray(model.float32(ENCODER + "layer_norm/beta"))))

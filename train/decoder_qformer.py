@@ -122,6 +122,7 @@ class WhisperDecoderWeights:
     prompt_ids: tuple[int, ...]
     encoder_ln_weight: torch.Tensor    # Whisper's encoder final LayerNorm (what the fused frames carry)
     encoder_ln_bias: torch.Tensor
+    vocabulary: tuple[str, ...] = ()   # each token id's byte-level BPE spelling (vocabulary.txt)
 
     def qformer_dims(self) -> QFormerDims:
         return QFormerDims(kind=WHISPER_DECODER_QFORMER, hidden=self.token_embedding.shape[1],

@@ -211,3 +211,18 @@ def _vocab_rows(llm_dir: Path) -> int:
 def _token_id(value) -> int:
     """generation_config may list several eos ids; the first is the canonical one."""
     return int(value[0] if isinstance(value, list) else value)
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def read_byte_level_vocab(llm_dir: str | Path) -> dict[str, int]:
+    """A folder's tokenizer.json vocabulary (token spelling -> id) with its added tokens: a byte-level BPE's
+    spellings use GPT-2's byte alphabet, as Whisper's do."""
+    data = read_json(Path(llm_dir) / TOKENIZER_FILE)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ModelError(f"{Path(llm_dir) / TOKENIZER_FILE} is not a byte-level BPE tokenizer")
+    vocab = {str(token): int(i) for token, i in model["vocab"].items()}
+    vocab.update({str(t["content"]): int(t["id"]) for t in data.get("added_tokens") or [] if "content" in t})
+    return vocab

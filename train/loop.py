@@ -163,7 +163,7 @@ def build_model(m: ModelSection) -> tuple[Salmonn, SalmonnConfig]:
                                          prompt_special_tokens=m.prompt_special_tokens,
                                          trim_windows=m.trim_windows,
                                          normalize_audio_tokens=m.normalize_audio_tokens,
-                                         clip_token_hidden=m.clip_token_hidden)
+                                         clip_token_hidden=m.clip_token_hidden, audio_vocab=m.audio_vocab)
         with torch.no_grad():
             model.ln_audio.weight.fill_(m.beats_stream_gain)
     for module in model.speech_Qformer.modules():

@@ -23,12 +23,15 @@ from salmonn_cli.trim import mel_frame_count
 from train.beats import BEATs
 from train.decoder_qformer import WhisperDecoderQFormer
 from train.qformer import QFormer
+from train.vocab_projection import VocabProjection
 from train.whisper import build_whisper_encoder
 
 LORA_ADAPTER = "default"       # peft's adapter name; appears in the official key names
 # Parameters the official code trains (and its checkpoints store), by name.
 TRAINABLE_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_proj.", "ln_speech.", "ln_audio.",
                       "clip_token_head.")     # the last only with `config.clip_token_hidden` (not official)
+# Saved with the trained tensors but never trained: the LLM's own embedding table inside the vocabulary projection
+FROZEN_SAVED = ("speech_llama_proj.embeddings",)
 LORA_NAME_PARTS = (".lora_A.", ".lora_B.")
 LN_SPEECH_EPS = 1e-5           # nn.LayerNorm default, as in the official code (both LNs)
 QUERY_TOKEN_INIT_STD = 0.02
@@ -271,7 +274,10 @@ class Salmonn(nn.Module):
         self.speech_Qformer = qformer(config.qformer, config.fused_width)
         self.speech_query_tokens = nn.Parameter(
             torch.randn(1, config.qformer.num_query_tokens, config.qformer.hidden) * QUERY_TOKEN_INIT_STD)
-        self.speech_llama_proj = nn.Linear(config.qformer.hidden, config.llm.hidden_size)
+        if config.audio_vocab > 0:
+            self.speech_llama_proj = VocabProjection(config.qformer.hidden, config.llm.hidden_size, config.audio_vocab)
+        else:
+            self.speech_llama_proj = nn.Linear(config.qformer.hidden, config.llm.hidden_size)
         self.clip_token_head = None
         if config.clip_token_hidden > 0:
             # drawn without moving the random stream: the rest of the model and the training (dropout) then
@@ -282,7 +288,7 @@ class Salmonn(nn.Module):
         llm = llm if llm is not None else build_llama(config.llm)
         self.llama_model = wrap_lora(llm, config.lora)
         for name, param in self.named_parameters():
-            param.requires_grad_(is_trainable_name(name))
+            param.requires_grad_(is_trainable_name(name) and name not in FROZEN_SAVED)
         self._lora_scale = config.lora.scale
         self.eval()
 

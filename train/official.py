@@ -20,8 +20,9 @@ from salmonn_cli.errors import ModelError
 from train.beats import load_beats
 from train.ct2_whisper import is_ct2_model, read_ct2_decoder
 from train.decoder_qformer import DECODER_QFORMER_LN_EPS, load_whisper_decoder
-from train.hf_files import read_llm_dims, read_tensors
+from train.hf_files import read_byte_level_vocab, read_llm_dims, read_tensors
 from train.model import LORA_ADAPTER, Salmonn, build_llama, is_trainable_name, llama_config
+from train.vocab_projection import WHISPER_END_OF_TEXT, load_vocab_projection
 from train.whisper import load_whisper_encoder
 
 QFORMER_HEAD_DIM = 64          # BERT convention; the head count is not visible in tensor shapes
@@ -52,6 +53,8 @@ AUDIO_TOKEN_RMS_KEY = "audio_token_rms"
 CLIP_TOKEN_HIDDEN_KEY = "clip_token_hidden"
 # Not an official key: the window Q-Former's kind (QFormerDims.kind); absent = the official BERT one.
 QFORMER_KIND_KEY = "qformer_kind"
+# Not an official key: Whisper vocabulary entries the projection reads through (SalmonnConfig.audio_vocab); absent = 0.
+AUDIO_VOCAB_KEY = "audio_vocab"
 DECODER_QFORMER_PREFIX = "speech_Qformer.blocks."
 DECODER_LAYER_INDEX_RE = re.compile(re.escape(DECODER_QFORMER_PREFIX) + r"(\d+)\.")
 
@@ -192,6 +195,7 @@ def load_official(ckpt_path: Path, whisper_dir: Path, beats_path: Path, llm_dir:
         trim_windows=bool(model_cfg.get(TRIM_WINDOWS_KEY, defaults.trim_windows)),
         audio_token_rms=optional_float(model_cfg.get(AUDIO_TOKEN_RMS_KEY, defaults.audio_token_rms)),
         clip_token_hidden=int(model_cfg.get(CLIP_TOKEN_HIDDEN_KEY) or defaults.clip_token_hidden),
+        audio_vocab=int(model_cfg.get(AUDIO_VOCAB_KEY) or defaults.audio_vocab),
     )
     n_query = model_cfg.get("num_speech_query_token")
     if n_query is not None and int(n_query) != config.qformer.num_query_tokens:
@@ -279,6 +283,7 @@ def official_model_config(config: SalmonnConfig) -> dict:
         TRIM_WINDOWS_KEY: config.trim_windows,
         AUDIO_TOKEN_RMS_KEY: config.audio_token_rms,
         CLIP_TOKEN_HIDDEN_KEY: config.clip_token_hidden,
+        **({AUDIO_VOCAB_KEY: config.audio_vocab} if config.audio_vocab else {}),
         QFORMER_HEADS_KEY: config.qformer.n_heads,
     }
 
@@ -304,13 +309,15 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
                      prompt_template: str | None = None, prompt_special_tokens: bool = False,
                      trim_windows: bool = False,
                      normalize_audio_tokens: bool = False,
-                     clip_token_hidden: int = 0) -> tuple[Salmonn, SalmonnConfig]:
+                     clip_token_hidden: int = 0, audio_vocab: int = 0) -> tuple[Salmonn, SalmonnConfig]:
     """SALMONN from its three frozen parts (shapes read from the files) with freshly initialised
     trainable parts of the given shapes: what stage-1 training starts from. fp32, eval mode.
 
     `normalize_audio_tokens` sets `config.audio_token_rms` to the RMS of the LLM's input embeddings.
     A `qformer` of kind "whisper_decoder" takes its shapes and first weights from the Whisper model's
-    decoder (train/decoder_qformer.py; a CTranslate2 Whisper)."""
+    decoder (train/decoder_qformer.py; a CTranslate2 Whisper). `audio_vocab` > 0 (that Q-Former only) projects
+    through that many entries of Whisper's vocabulary into the LLM's embeddings of their text
+    (train/vocab_projection.py; the LLM folder's tokenizer.json must be a byte-level BPE)."""
     decoder = None
     if qformer.kind == WHISPER_DECODER_QFORMER:
         if not is_ct2_model(whisper_dir):
@@ -318,6 +325,8 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
                              f"{whisper_dir} is not one")
         decoder = read_ct2_decoder(whisper_dir)
         qformer = decoder.qformer_dims()
+    elif audio_vocab:
+        raise ModelError("audio_vocab needs the Whisper-decoder Q-Former (its window tokens are Whisper's next-word states)")
     whisper_dims, speech_encoder = load_whisper_encoder(whisper_dir)
     beats = load_beats(beats_path)
     llm_dims = read_llm_dims(llm_dir)
@@ -330,6 +339,7 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         prompt_special_tokens=prompt_special_tokens,
         trim_windows=trim_windows,
         clip_token_hidden=clip_token_hidden,
+        audio_vocab=audio_vocab,
     )
     llm = build_llama(llm_dims, read_llm_weights(llm_dir))
     if normalize_audio_tokens:
@@ -338,4 +348,12 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
     model = Salmonn(config, speech_encoder=speech_encoder, beats=beats, llm=llm)
     if decoder is not None:
         load_whisper_decoder(model.speech_Qformer, model.speech_query_tokens, model.ln_speech, decoder)
+    if audio_vocab:
+        llm_vocab = read_byte_level_vocab(llm_dir)
+        end_of_text = llm_vocab.get(WHISPER_END_OF_TEXT, llm_dims.eos_token_id)
+        try:
+            load_vocab_projection(model.speech_llama_proj, decoder.token_embedding, list(decoder.vocabulary),
+                                  llm_vocab, end_of_text, llm.get_input_embeddings().weight.detach())
+        except ValueError as exc:
+            raise ModelError(f"audio_vocab: {exc}") from None
     return model.float().eval(), config

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from salmonn_cli.config import QFORMER_KINDS, LoraDims, QFormerDims
+from salmonn_cli.config import QFORMER_KINDS, WHISPER_DECODER_QFORMER, LoraDims, QFormerDims
 from salmonn_cli.errors import SalmonnError
 
 AMP_MODES = ("fp16", "bf16", "none")
@@ -56,6 +56,9 @@ class ModelSection:
     # > 0: one clip-level token after each clip's window tokens, from an attention-pooled MLP of this hidden
     # width over the fused frames (SalmonnConfig.clip_token_hidden); 0 = the official window tokens only
     clip_token_hidden: int = 0
+    # > 0 (qformer_kind "whisper_decoder" only): project each window token through this many entries of
+    # Whisper's vocabulary into the LLM's embeddings of their text (SalmonnConfig.audio_vocab); 0 = linear
+    audio_vocab: int = 0
     # train BEATs with the connector (salmonn-nano's BEATs starts random); its weights are saved as an
     # official BEATs .pt beside each checkpoint, which that checkpoint's `beats_path` names
     train_beats: bool = False
@@ -189,6 +192,9 @@ class TrainConfig:
                 raise ConfigError(f"[{section}] {key} must be at least 1")
         if m.qformer_kind not in QFORMER_KINDS:
             raise ConfigError(f"[model] qformer_kind must be one of {', '.join(QFORMER_KINDS)}, not {m.qformer_kind!r}")
+        if m.audio_vocab < 0 or (m.audio_vocab and m.qformer_kind != WHISPER_DECODER_QFORMER):
+            raise ConfigError(f"[model] audio_vocab must be 0, or > 0 with qformer_kind = "
+                              f"{WHISPER_DECODER_QFORMER!r} (got {m.audio_vocab} with {m.qformer_kind!r})")
         if not 0 <= m.beats_stream_gain < float("inf"):        # also refuses TOML's nan
             raise ConfigError(f"[model] beats_stream_gain must be a finite number >= 0, not {m.beats_stream_gain}")
         a = self.align

@@ -1,0 +1,152 @@
+"""The projection through Whisper's vocabulary (train/vocab_projection.py; salmonn-nano's connector).
+
+A small random CTranslate2 Whisper whose vocabulary spells words in GPT-2's byte alphabet, and the
+official-tiny LLM given a byte-level BPE tokenizer.json that spells the same words differently. A fresh
+projection writes, for a window whose next word Whisper is sure of, the LLM's embedding of that word's
+text (the mean of the LLM tokens spelling it); <|endoftext|> writes the LLM's end-of-text embedding; the
+LLM's table is saved but not trained; the checkpoint round trip is exact and the ONNX export matches
+PyTorch to 1e-4 (as tests/test_export.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import OFFICIAL_TINY
+from salmonn_cli.config import WHISPER_DECODER_QFORMER, LoraDims, QFormerDims
+from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
+from salmonn_cli.errors import ModelError
+from salmonn_cli.trim import mel_frame_count
+from test_decoder_qformer import PROMPT, clip_features, small_ct2_whisper
+from train.official import build_from_parts, load_official, save_official_format
+from train.vocab_projection import VocabProjection, kept_whisper_ids, split_into
+
+EXACT_ATOL = 0.0
+EMBEDS_ATOL = 1e-4
+SURE = 200.0                    # logit scale at which the softmax is one-hot to float32 precision
+
+BYTES = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "."]
+WORDS = ["Ġfront", "Ġcenter", "Ġleft", "Ġrear", "."]
+WHISPER_VOCAB = [*BYTES, *WORDS, "<|endoftext|>", *PROMPT]
+LLM_END_OF_TEXT = 7
+# the LLM spells "Ġfront" as Ġfr + ont, "Ġcenter" whole, "Ġleft"/"Ġrear" letter by letter after Ġ
+LLM_VOCAB = {**{b: 100 + i for i, b in enumerate(BYTES)}, "Ġfr": 300, "ont": 301, "Ġcenter": 302}
+AUDIO_VOCAB = len(BYTES) + len(WORDS) + 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_threads():
+    torch.set_num_threads(2)
+
+
+def llm_with_byte_level_tokenizer(folder: Path) -> Path:
+    folder.mkdir()
+    for name in os.listdir(OFFICIAL_TINY / "vicuna"):
+        if name != "tokenizer.model":
+            (folder / name).symlink_to(OFFICIAL_TINY / "vicuna" / name)
+    tokenizer = {"model": {"type": "BPE", "vocab": LLM_VOCAB, "merges": []},
+                 "added_tokens": [{"id": LLM_END_OF_TEXT, "content": "<|endoftext|>", "special": True}]}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vocab_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    whisper = small_ct2_whisper(root / "whisper", seed=5, vocab=WHISPER_VOCAB)
+    llm = llm_with_byte_level_tokenizer(root / "llm")
+    model, config = build_from_parts(whisper, OFFICIAL_TINY / "beats.pt", llm,
+                                     qformer=QFormerDims(kind=WHISPER_DECODER_QFORMER), lora=LoraDims(r=4),
+                                     second_per_window=0.38, second_stride=0.12, trim_windows=True,
+                                     audio_vocab=AUDIO_VOCAB)
+    return whisper, llm, model, config
+
+
+def test_split_into_takes_the_longest_known_piece_first():
+    assert split_into("Ġfront", LLM_VOCAB) == [300, 301]
+    assert split_into("Ġleft", LLM_VOCAB) == [LLM_VOCAB[c] for c in "Ġleft"]
+    assert split_into("Ġhi!", LLM_VOCAB) == [LLM_VOCAB[c] for c in "Ġhi"]      # a byte it never saw: skipped
+
+
+def test_kept_ids_are_the_first_text_tokens_then_end_of_text():
+    end = WHISPER_VOCAB.index("<|endoftext|>")
+    assert kept_whisper_ids(WHISPER_VOCAB, 3) == [0, 1, 2, end]
+    with pytest.raises(ValueError, match="must keep between 1 and"):
+        kept_whisper_ids(WHISPER_VOCAB, end + 1)
+
+
+def test_a_sure_window_writes_the_llm_embedding_of_the_word(vocab_model):
+    _, _, model, config = vocab_model
+    projection = model.speech_llama_proj
+    assert isinstance(projection, VocabProjection) and config.audio_vocab == AUDIO_VOCAB
+    table = model.llm.get_input_embeddings().weight.detach()
+    expected = {"Ġfront": table[[300, 301]].mean(0), "Ġcenter": table[302],
+                "Ġleft": table[[LLM_VOCAB[c] for c in "Ġleft"]].mean(0), "<|endoftext|>": table[LLM_END_OF_TEXT]}
+    rows = projection.logits.weight.detach()
+    for word, embedding in expected.items():
+        row = kept_whisper_ids(WHISPER_VOCAB, AUDIO_VOCAB - 1).index(WHISPER_VOCAB.index(word))
+        # a hidden state whose logits single this word out (pseudo-inverse of the rows kept)
+        target = torch.full((AUDIO_VOCAB,), -SURE)
+        target[row] = SURE
+        hidden = torch.linalg.lstsq(rows, target[:, None]).solution[:, 0]
+        assert int(projection.logits(hidden).argmax()) == row
+        with torch.no_grad():
+            torch.testing.assert_close(projection(hidden[None]), embedding[None], rtol=0, atol=1e-5)
+
+
+def test_the_llm_table_is_saved_but_not_trained(vocab_model):
+    _, _, model, _ = vocab_model
+    assert not model.speech_llama_proj.embeddings.requires_grad
+    assert model.speech_llama_proj.logits.weight.requires_grad and model.speech_llama_proj.direct.weight.requires_grad
+    assert "speech_llama_proj.embeddings" in model.trainable_state_dict()
+    assert torch.count_nonzero(model.speech_llama_proj.direct.weight) == 0
+
+
+def test_checkpoint_round_trip_keeps_the_vocabulary(vocab_model, tmp_path):
+    whisper, llm, model, config = vocab_model
+    with torch.no_grad():
+        for p in model.speech_llama_proj.parameters():     # as after training: every weight its own
+            p.add_(0.01 * torch.randn_like(p))
+    save_official_format(model, tmp_path / "ckpt.pth")
+    loaded, loaded_config = load_official(tmp_path / "ckpt.pth", whisper, OFFICIAL_TINY / "beats.pt", llm)
+    assert loaded_config.audio_vocab == AUDIO_VOCAB and isinstance(loaded.speech_llama_proj, VocabProjection)
+    mel, fbank = clip_features(4.0, config, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_audio(mel, fbank), model.encode_audio(mel, fbank),
+                                   rtol=0, atol=EXACT_ATOL)
+
+
+def test_onnx_export_matches_pytorch(vocab_model, tmp_path):
+    from export.onnx_encoder import export_audio_encoder
+    _, _, model, config = vocab_model
+    path = tmp_path / "audio_encoder.onnx"
+    export_audio_encoder(model.audio_encoder(), config, path)
+    encoder = OnnxAudioEncoder(path, n_threads=1, device="cpu")
+    for seconds, seed in ((1.5, 3), (6.0, 4)):
+        mel, fbank = clip_features(seconds, config, seed)
+        with torch.no_grad():
+            expected = model.encode_audio(mel, fbank)[0].numpy()
+        got = encoder(mel[0, :, : mel_frame_count(config, fbank.shape[1])].numpy(), fbank[0].numpy())
+        np.testing.assert_allclose(got, expected, rtol=0, atol=EMBEDS_ATOL)
+
+
+def test_clear_errors(vocab_model, tmp_path):
+    whisper, llm, _, _ = vocab_model
+    with pytest.raises(ModelError, match="audio_vocab needs the Whisper-decoder Q-Former"):
+        build_from_parts(OFFICIAL_TINY / "whisper", OFFICIAL_TINY / "beats.pt", llm, qformer=QFormerDims(),
+                         lora=LoraDims(r=4), audio_vocab=8)
+    with pytest.raises(ModelError, match="not a byte-level BPE tokenizer"):
+        (tmp_path / "spm").mkdir()
+        for name in os.listdir(OFFICIAL_TINY / "vicuna"):
+            (tmp_path / "spm" / name).symlink_to(OFFICIAL_TINY / "vicuna" / name)
+        (tmp_path / "spm" / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}))
+        build_from_parts(whisper, OFFICIAL_TINY / "beats.pt", tmp_path / "spm",
+                         qformer=QFormerDims(kind=WHISPER_DECODER_QFORMER), lora=LoraDims(r=4), audio_vocab=8)
+    with pytest.raises(ModelError, match="audio_vocab: .*must keep between 1 and"):
+        build_from_parts(whisper, OFFICIAL_TINY / "beats.pt", llm, qformer=QFormerDims(kind=WHISPER_DECODER_QFORMER),
+                         lora=LoraDims(r=4), audio_vocab=len(WHISPER_VOCAB))
