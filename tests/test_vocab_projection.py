@@ -150,3 +150,17 @@ def test_clear_errors(vocab_model, tmp_path):
     with pytest.raises(ModelError, match="audio_vocab: .*must keep between 1 and"):
         build_from_parts(whisper, OFFICIAL_TINY / "beats.pt", llm, qformer=QFormerDims(kind=WHISPER_DECODER_QFORMER),
                          lora=LoraDims(r=4), audio_vocab=len(WHISPER_VOCAB))
+
+
+def test_pretrained_connector_weights_get_their_own_learning_rate(vocab_model):
+    from train.loop import param_groups
+    _, _, model, _ = vocab_model
+    pretrained = {name for name, p in model.named_parameters() if p.requires_grad and model.starts_pretrained(name)}
+    assert "speech_llama_proj.logits.weight" in pretrained and "speech_query_tokens" in pretrained
+    assert any(name.startswith("speech_Qformer.blocks.") for name in pretrained)
+    assert not any(name.startswith(("speech_llama_proj.direct", "llama_model.", "clip_token_head")) for name in pretrained)
+    ids = {id(p) for name, p in model.named_parameters() if name in pretrained}
+    groups = param_groups(model, 0.05, pretrained_lr_scale=0.1)
+    assert {id(p) for g in groups if g["lr_scale"] == 0.1 for p in g["params"]} == ids
+    assert {g["lr_scale"] for g in groups} == {0.1, 1.0}
+    assert {g["lr_scale"] for g in param_groups(model, 0.05)} == {1.0}

@@ -248,10 +248,12 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           weight_decay: float, grad_clip: float, seed: int, eos_token_id: int,
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
-          tag_weight: float = 0.0, pieces: int = 0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
+          tag_weight: float = 0.0, pieces: int = 0,
+          pretrained_lr_scale: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
     LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
-    `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`."""
+    `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`. Connector
+    parameters that start pretrained (`Salmonn.starts_pretrained`) move at `pretrained_lr_scale` times `lr`."""
 
     device = next(model.parameters()).device
     embeddings = model.llama_model.get_input_embeddings().weight.detach()
@@ -277,16 +279,20 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
     tag_side = [p for n, p in connector if n.startswith("clip_token_head.")] + (
         list(tag_head.parameters()) if tag_head is not None else [])
     ctc_side = [p for n, p in connector if not n.startswith("clip_token_head.")] + list(head.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in connector if decays(n, p)], "weight_decay": weight_decay},
-         {"params": [p for n, p in connector if not decays(n, p)] + heads, "weight_decay": 0.0}],
-        lr=lr)
+    groups = []
+    for pretrained in (False, True):
+        scale = pretrained_lr_scale if pretrained else 1.0
+        mine = [(n, p) for n, p in connector if model.starts_pretrained(n) == pretrained]
+        groups += [{"params": [p for n, p in mine if decays(n, p)], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for n, p in mine if not decays(n, p)] + ([] if pretrained else heads),
+                    "weight_decay": 0.0, "lr_scale": scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     stream = SampleStream(len(dataset), seed)
     model.train()
     started, losses, tag_losses, tag_hits = time.perf_counter(), [], [], []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps)
+            group["lr"] = lr * lr_factor(step, steps) * group["lr_scale"]
         batch = collate([dataset[(stream[step * batch_size + i], 0)] for i in range(batch_size)]).to(device)
         with autocast():
             tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)

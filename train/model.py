@@ -348,6 +348,17 @@ class Salmonn(nn.Module):
                 module.scaling[LORA_ADAPTER] = float(value)
         self._lora_scale = float(value)
 
+    def starts_pretrained(self, name: str) -> bool:
+        """True for connector parameters that start from pretrained weights rather than at random: the
+        Whisper-decoder Q-Former (with its query tokens and `ln_speech`, set for Whisper's output) and the
+        vocabulary projection's Whisper rows. Training moves them more gently (`[optim] pretrained_lr_scale`)."""
+        pretrained = ()
+        if self.config.qformer.kind == WHISPER_DECODER_QFORMER:
+            pretrained += ("speech_Qformer.", "speech_query_tokens", "ln_speech.")
+        if self.config.audio_vocab:
+            pretrained += ("speech_llama_proj.logits.",)
+        return name.startswith(pretrained) if pretrained else False
+
     # --- checkpoints ---------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable parameters under their official names (what a SALMONN checkpoint holds)."""

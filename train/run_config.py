@@ -103,6 +103,9 @@ class OptimSection:
     # LoRA frozen (lr 0) for the first N steps, so that the connector learns to carry the audio before
     # the LLM can learn to answer from the prompt alone; 0 = official (all train from the start)
     lora_start_step: int = 0
+    # lr multiplier (LM stage and [align]) for connector weights that start pretrained (Whisper's decoder as
+    # the Q-Former and its vocabulary projection: Salmonn.starts_pretrained); 1 = as the rest of the connector
+    pretrained_lr_scale: float = 1.0
     batch_size: int = 8             # samples per process per micro-step
     accum_steps: int = 1            # micro-steps per optimizer step
 
@@ -208,6 +211,8 @@ class TrainConfig:
             raise ConfigError(f"[align] pieces must be 0 (the LLM's token ids) or at least 32 word pieces, not {a.pieces!r}")
         if a.tag_field and a.steps == 0:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
+        if not 0 < o.pretrained_lr_scale < float("inf"):
+            raise ConfigError(f"[optim] pretrained_lr_scale must be a positive number, not {o.pretrained_lr_scale}")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 
