@@ -244,19 +244,24 @@ def test_checkpoint_round_trip_keeps_the_kind(small_model, tmp_path):
                                    rtol=0, atol=EXACT_ATOL)
 
 
-def test_onnx_export_matches_pytorch(small_model, tmp_path):
+def assert_onnx_export_matches(model, config, folder: Path, seconds_and_seeds) -> None:
+    """The exported audio encoder gives the PyTorch model's embeddings (EMBEDS_ATOL) on random clips."""
     from export.onnx_encoder import export_audio_encoder
-    _, model, config = small_model
-    path = tmp_path / "audio_encoder.onnx"
+    path = folder / "audio_encoder.onnx"
     export_audio_encoder(model.audio_encoder(), config, path)
     encoder = OnnxAudioEncoder(path, n_threads=1, device="cpu")
-    for seconds, seed in ((1.5, 3), (7.0, 4)):
+    for seconds, seed in seconds_and_seeds:
         mel, fbank = clip_features(seconds, config, seed)
         with torch.no_grad():
             expected = model.encode_audio(mel, fbank)[0].numpy()
         got = encoder(mel[0, :, : mel_frame_count(config, fbank.shape[1])].numpy(), fbank[0].numpy())
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=0, atol=EMBEDS_ATOL)
+
+
+def test_onnx_export_matches_pytorch(small_model, tmp_path):
+    _, model, config = small_model
+    assert_onnx_export_matches(model, config, tmp_path, ((1.5, 3), (7.0, 4)))
 
 
 def test_decoder_kind_needs_a_ct2_whisper():

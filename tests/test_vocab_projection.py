@@ -13,21 +13,17 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import OFFICIAL_TINY
 from salmonn_cli.config import WHISPER_DECODER_QFORMER, LoraDims, QFormerDims
-from salmonn_cli.encoder import AudioEncoder as OnnxAudioEncoder
 from salmonn_cli.errors import ModelError
-from salmonn_cli.trim import mel_frame_count
-from test_decoder_qformer import PROMPT, clip_features, small_ct2_whisper
+from test_decoder_qformer import PROMPT, assert_onnx_export_matches, clip_features, small_ct2_whisper
 from train.official import build_from_parts, load_official, save_official_format
 from train.vocab_projection import VocabProjection, kept_whisper_ids, split_into
 
 EXACT_ATOL = 0.0
-EMBEDS_ATOL = 1e-4
 SURE = 200.0                    # logit scale at which the softmax is one-hot to float32 precision
 
 BYTES = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "."]
@@ -122,17 +118,8 @@ def test_checkpoint_round_trip_keeps_the_vocabulary(vocab_model, tmp_path):
 
 
 def test_onnx_export_matches_pytorch(vocab_model, tmp_path):
-    from export.onnx_encoder import export_audio_encoder
     _, _, model, config = vocab_model
-    path = tmp_path / "audio_encoder.onnx"
-    export_audio_encoder(model.audio_encoder(), config, path)
-    encoder = OnnxAudioEncoder(path, n_threads=1, device="cpu")
-    for seconds, seed in ((1.5, 3), (6.0, 4)):
-        mel, fbank = clip_features(seconds, config, seed)
-        with torch.no_grad():
-            expected = model.encode_audio(mel, fbank)[0].numpy()
-        got = encoder(mel[0, :, : mel_frame_count(config, fbank.shape[1])].numpy(), fbank[0].numpy())
-        np.testing.assert_allclose(got, expected, rtol=0, atol=EMBEDS_ATOL)
+    assert_onnx_export_matches(model, config, tmp_path, ((1.5, 3), (6.0, 4)))
 
 
 def test_clear_errors(vocab_model, tmp_path):
