@@ -748,13 +748,25 @@ def test_tag_head_pools_each_clip_over_its_own_tokens_only():
     assert torch.allclose(head(tokens[:1, :3], [3])[0], head(tokens, [3, 5])[0])
 
 
-@pytest.mark.parametrize("clip_token_hidden", [0, 16])
-def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeypatch, clip_token_hidden):
+@pytest.mark.parametrize("clip_token_hidden, ctc_weight", [(0, 1.0), (16, 1.0), (16, 0.0)])
+def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeypatch, clip_token_hidden, ctc_weight):
     """`[align] tag_field`: a TagHead (with a clip token: a ClipTagHead on that token) learns each clip's
     class from the field (entries without it: "") beside the CTC loss; the log shows its loss falling
-    and every clip of the last steps named right. (The LM step after it reads length-grouped batches:
+    and every clip of the last steps named right. With `ctc_weight` 0 the window tokens' path (Q-Former,
+    projection) is left exactly as it was. (The LM step after it reads length-grouped batches:
     `[data] group_by_length`.)"""
     import train.align as align_module
+    import train.loop as loop_module
+
+    window_path = {}
+
+    def watched_align(model, *args, **kwargs):
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("speech_")}
+        result = align_module.align(model, *args, **kwargs)
+        window_path.update({n: torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before})
+        return result
+
+    monkeypatch.setattr(loop_module, "align", watched_align)
 
     monkeypatch.setattr(align_module, "LOG_EVERY", 10)
     entries = json.loads((base / "train.json").read_text())["annotation"]
@@ -770,7 +782,10 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
                                                     "clip_token_hidden": clip_token_hidden},
                      data={"train": str(tagged), "group_by_length": True}, optim={"max_steps": 1, "batch_size": 2},
                      run={"cache_encoders": True})
-    raw["align"] = {"steps": 40, "lr": 1e-2, "batch_size": 2, "tag_field": "event", "tag_weight": 1.0}
+    raw["align"] = {"steps": 40, "lr": 1e-2, "batch_size": 2, "tag_field": "event", "tag_weight": 1.0,
+                    "ctc_weight": ctc_weight}
+    with pytest.raises(ConfigError, match="ctc_weight must be a finite number >= 0; 0 needs a tag_field"):
+        TrainConfig.from_dict({**raw, "align": {"steps": 1, "ctc_weight": 0.0}})
     with pytest.raises(ConfigError, match="tag_weight"):
         TrainConfig.from_dict({**raw, "align": {"steps": 1, "tag_weight": -1.0}})
     with pytest.raises(ConfigError, match="tag_field needs steps"):
@@ -786,6 +801,7 @@ def test_alignment_tags_clips_with_their_annotated_class(base, tmp_path, monkeyp
                  {"attention.weight", "attention.bias", "classifier.weight", "classifier.bias"})
     assert saved["tag_classes"] == ["", "high"] and set(saved["tag_head"]) == head_keys
     assert any(k.startswith("clip_token_head.") for k in saved["model"]) == bool(clip_token_hidden)
+    assert window_path and all(window_path.values()) == (ctc_weight == 0), window_path
 
 def test_trimmed_clip_features_equal_the_full_chunk(tiny_model):
     """With trim_windows the log-mel is computed over the clip and a little padding only: bitwise the

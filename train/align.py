@@ -249,11 +249,12 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
           tag_weight: float = 0.0, pieces: int = 0,
-          pretrained_lr_scale: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
+          pretrained_lr_scale: float = 1.0, ctc_weight: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
     LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`. Connector
-    parameters that start pretrained (`Salmonn.starts_pretrained`) move at `pretrained_lr_scale` times `lr`."""
+    parameters that start pretrained (`Salmonn.starts_pretrained`) move at `pretrained_lr_scale` times `lr`.
+    The CTC loss counts at `ctc_weight`; at 0 it is only logged and the window tokens do not train."""
 
     device = next(model.parameters()).device
     embeddings = model.llama_model.get_input_embeddings().weight.detach()
@@ -273,7 +274,8 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
             tag_head = TagHead(embeddings.shape[1], classes).to(device)
     heads = list(head.parameters()) + (list(tag_head.parameters()) if tag_head is not None else [])
     connector = [(n, p) for n, p in model.named_parameters()
-                 if p.requires_grad and ".lora_" not in n and not n.startswith("beats.")]
+                 if p.requires_grad and ".lora_" not in n and not n.startswith("beats.")
+                 and (ctc_weight or n.startswith("clip_token_head."))]      # without CTC only the clip token learns
     # clipped apart: the CTC side (connector and CTC head) and the tag side (tag head, clip token head), so
     # that the tag loss's gradient does not shrink the CTC's (nano: one shared clip slowed the CTC by ~half)
     tag_side = [p for n, p in connector if n.startswith("clip_token_head.")] + (
@@ -299,8 +301,9 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
             log_probs = head(tokens)
         targets = [clip_targets[clip] for clip in batch.clips]
         counts = window_token_counts(model, tokens, batch)
-        loss = ctc_loss(log_probs, targets, counts, "mean")
-        losses.append(float(loss.detach()))
+        ctc = ctc_loss(log_probs, targets, counts, "mean")
+        losses.append(float(ctc.detach()))
+        loss = ctc_weight * ctc if ctc_weight else 0.0
         if tag_head is not None:
             labels = torch.tensor([tag_head.classes.index(tags.get(clip, "")) for clip in batch.clips], device=device)
             if isinstance(tag_head, ClipTagHead):       # the clip token follows each clip's window tokens

@@ -308,7 +308,7 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
                            weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
                            eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
                            tags=tags, tag_weight=a.tag_weight, pieces=a.pieces,
-                           pretrained_lr_scale=o.pretrained_lr_scale)
+                           pretrained_lr_scale=o.pretrained_lr_scale, ctc_weight=a.ctc_weight)
     if d.is_main:
         save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()},
                        tag_head)

@@ -138,6 +138,9 @@ class AlignSection:
     tag_field: str = ""             # annotation field naming a clip's sound class: learned by a TagHead too; "" = off
     tag_weight: float = 1.0         # that head's cross-entropy weight beside the CTC loss
     pieces: int = 0                 # CTC units: 0 = the LLM's token ids; N = N word pieces learned from the transcripts
+    # the CTC loss's weight; 0 = only the tag head and the clip token train (a connector whose window tokens
+    # start as the LLM's words, `[model] audio_vocab`, lost them to the CTC: train/nano/README.md)
+    ctc_weight: float = 1.0
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -209,6 +212,9 @@ class TrainConfig:
             raise ConfigError(f"[align] tag_weight must be a finite number >= 0, not {a.tag_weight}")
         if isinstance(a.pieces, bool) or not isinstance(a.pieces, int) or a.pieces < 0 or 0 < a.pieces < 32:
             raise ConfigError(f"[align] pieces must be 0 (the LLM's token ids) or at least 32 word pieces, not {a.pieces!r}")
+        if not 0 <= a.ctc_weight < float("inf") or (a.ctc_weight == 0 and a.steps and (not a.tag_field or a.lm_weight)):
+            raise ConfigError("[align] ctc_weight must be a finite number >= 0; 0 needs a tag_field (something to "
+                              "train) and lm_weight 0 (the CTC head stays untrained)")
         if a.tag_field and a.steps == 0:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
         if not 0 < o.pretrained_lr_scale < float("inf"):
