@@ -187,8 +187,8 @@ def test_config_errors_and_overrides(tmp_path):
         load_train_config(path, ['model.qformer_kind="gpt"'])
     with pytest.raises(ConfigError, match="audio_vocab must be 0, or > 0 with qformer_kind = 'whisper_decoder'"):
         load_train_config(path, ["model.audio_vocab=4096"])
-    with pytest.raises(ConfigError, match="pretrained_lr_scale must be a positive number"):
-        load_train_config(path, ["optim.pretrained_lr_scale=0.0"])
+    with pytest.raises(ConfigError, match="window_lr_scale must be a positive number"):
+        load_train_config(path, ["optim.window_lr_scale=0.0"])
     for gain in ("-1.0", "nan", "inf"):
         with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
             load_train_config(path, [f"model.beats_stream_gain={gain}"])

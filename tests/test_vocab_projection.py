@@ -139,15 +139,16 @@ def test_clear_errors(vocab_model, tmp_path):
                          lora=LoraDims(r=4), audio_vocab=len(WHISPER_VOCAB))
 
 
-def test_pretrained_connector_weights_get_their_own_learning_rate(vocab_model):
+def test_the_window_path_gets_its_own_learning_rate(vocab_model):
     from train.loop import param_groups
     _, _, model, _ = vocab_model
-    pretrained = {name for name, p in model.named_parameters() if p.requires_grad and model.starts_pretrained(name)}
-    assert "speech_llama_proj.logits.weight" in pretrained and "speech_query_tokens" in pretrained
-    assert any(name.startswith("speech_Qformer.blocks.") for name in pretrained)
-    assert not any(name.startswith(("speech_llama_proj.direct", "llama_model.", "clip_token_head")) for name in pretrained)
-    ids = {id(p) for name, p in model.named_parameters() if name in pretrained}
-    groups = param_groups(model, 0.05, pretrained_lr_scale=0.1)
+    window = {name for name, p in model.named_parameters() if p.requires_grad and model.in_window_path(name)}
+    assert {"speech_llama_proj.logits.weight", "speech_llama_proj.direct.weight", "speech_query_tokens",
+            "ln_audio.weight", "ln_speech.bias"} <= window
+    assert any(name.startswith("speech_Qformer.blocks.") for name in window)
+    assert not any(name.startswith(("llama_model.", "clip_token_head")) for name in window)
+    ids = {id(p) for name, p in model.named_parameters() if name in window}
+    groups = param_groups(model, 0.05, window_lr_scale=0.1)
     assert {id(p) for g in groups if g["lr_scale"] == 0.1 for p in g["params"]} == ids
     assert {g["lr_scale"] for g in groups} == {0.1, 1.0}
     assert {g["lr_scale"] for g in param_groups(model, 0.05)} == {1.0}

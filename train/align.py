@@ -249,11 +249,11 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
           tag_weight: float = 0.0, pieces: int = 0,
-          pretrained_lr_scale: float = 1.0, ctc_weight: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
+          window_lr_scale: float = 1.0, ctc_weight: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
     LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`. Connector
-    parameters that start pretrained (`Salmonn.starts_pretrained`) move at `pretrained_lr_scale` times `lr`.
+    parameters that make the window tokens (`Salmonn.in_window_path`) move at `window_lr_scale` times `lr`.
     The CTC loss counts at `ctc_weight`; at 0 it is only logged and the window tokens do not train."""
 
     device = next(model.parameters()).device
@@ -282,11 +282,11 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
         list(tag_head.parameters()) if tag_head is not None else [])
     ctc_side = [p for n, p in connector if not n.startswith("clip_token_head.")] + list(head.parameters())
     groups = []
-    for pretrained in (False, True):
-        scale = pretrained_lr_scale if pretrained else 1.0
-        mine = [(n, p) for n, p in connector if model.starts_pretrained(n) == pretrained]
+    for window in (False, True):
+        scale = window_lr_scale if window else 1.0
+        mine = [(n, p) for n, p in connector if model.in_window_path(n) == window]
         groups += [{"params": [p for n, p in mine if decays(n, p)], "weight_decay": weight_decay, "lr_scale": scale},
-                   {"params": [p for n, p in mine if not decays(n, p)] + ([] if pretrained else heads),
+                   {"params": [p for n, p in mine if not decays(n, p)] + ([] if window else heads),
                     "weight_decay": 0.0, "lr_scale": scale}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     stream = SampleStream(len(dataset), seed)

@@ -89,22 +89,22 @@ def setup_distributed() -> Dist:
 # --- optimizer and schedule ----------------------------------------------------------------------
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lora_lr_scale: float = 1.0,
-                 split_lora: bool = False, pretrained_lr_scale: float = 1.0) -> list[dict]:
+                 split_lora: bool = False, window_lr_scale: float = 1.0) -> list[dict]:
     """The official two AdamW groups (weight decay or not) over the trainable parameters. With
     `lora_lr_scale` != 1 or `split_lora` each is split into connector and LoRA parts, marked
     `lora` and with the LoRA part's learning rate scaled by `lr_scale` (WarmupCosineSchedule); with
-    `pretrained_lr_scale` != 1 the connector parameters that start pretrained (`Salmonn.starts_pretrained`)
+    `window_lr_scale` != 1 the parameters that make the window tokens (`Salmonn.in_window_path`)
     are split off with their learning rate scaled by it."""
     split = split_lora or lora_lr_scale != 1.0
     groups: dict[tuple[bool, bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             lora = split and any(part in name for part in LORA_NAME_PARTS)
-            pretrained = pretrained_lr_scale != 1.0 and model.starts_pretrained(name)
-            groups.setdefault((decays(name, param), lora, pretrained), []).append(param)
+            window = window_lr_scale != 1.0 and model.in_window_path(name)
+            groups.setdefault((decays(name, param), lora, window), []).append(param)
     return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "lr_scale": lora_lr_scale if lora else pretrained_lr_scale if pretrained else 1.0, "lora": lora}
-            for (decay, lora, pretrained), params in sorted(groups.items(), key=lambda item: (not item[0][0], *item[0][1:]))]
+             "lr_scale": lora_lr_scale if lora else window_lr_scale if window else 1.0, "lora": lora}
+            for (decay, lora, window), params in sorted(groups.items(), key=lambda item: (not item[0][0], *item[0][1:]))]
 
 
 def lr_at(step: int, o: OptimSection) -> float:
@@ -308,7 +308,7 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
                            weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
                            eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
                            tags=tags, tag_weight=a.tag_weight, pieces=a.pieces,
-                           pretrained_lr_scale=o.pretrained_lr_scale, ctc_weight=a.ctc_weight)
+                           window_lr_scale=o.window_lr_scale, ctc_weight=a.ctc_weight)
     if d.is_main:
         save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()},
                        tag_head)
@@ -479,7 +479,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     net = across_processes(trainer, model, d)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lora_lr_scale, o.lora_start_step > 0,
-                                               o.pretrained_lr_scale),
+                                               o.window_lr_scale),
                                   lr=o.init_lr, betas=(o.beta1, o.beta2))
     schedule = WarmupCosineSchedule(optimizer, o)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)

@@ -30,6 +30,8 @@ LORA_ADAPTER = "default"       # peft's adapter name; appears in the official ke
 # Parameters the official code trains (and its checkpoints store), by name.
 TRAINABLE_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_proj.", "ln_speech.", "ln_audio.",
                       "clip_token_head.")     # the last only with `config.clip_token_hidden` (not official)
+# What makes the window tokens (Salmonn.in_window_path)
+WINDOW_PATH_PREFIXES = ("ln_speech.", "ln_audio.", "speech_Qformer.", "speech_query_tokens", "speech_llama_proj.")
 # Saved with the trained tensors but never trained: the LLM's own embedding table inside the vocabulary projection
 FROZEN_SAVED = ("speech_llama_proj.embeddings",)
 LORA_NAME_PARTS = (".lora_A.", ".lora_B.")
@@ -348,16 +350,12 @@ class Salmonn(nn.Module):
                 module.scaling[LORA_ADAPTER] = float(value)
         self._lora_scale = float(value)
 
-    def starts_pretrained(self, name: str) -> bool:
-        """True for connector parameters that start from pretrained weights rather than at random: the
-        Whisper-decoder Q-Former (with its query tokens and `ln_speech`, set for Whisper's output) and the
-        vocabulary projection's Whisper rows. Training moves them more gently (`[optim] pretrained_lr_scale`)."""
-        pretrained = ()
-        if self.config.qformer.kind == WHISPER_DECODER_QFORMER:
-            pretrained += ("speech_Qformer.", "speech_query_tokens", "ln_speech.")
-        if self.config.audio_vocab:
-            pretrained += ("speech_llama_proj.logits.",)
-        return name.startswith(pretrained) if pretrained else False
+    def in_window_path(self, name: str) -> bool:
+        """True for the trainable parameters that make the window tokens: both LayerNorms, the Q-Former with its
+        query tokens, the projection (not the clip token's head, not LoRA). `[optim] window_lr_scale` moves them
+        at their own rate: salmonn-nano's Whisper-decoder connector starts out writing SmolLM2's words and, at
+        the rate the clip token and LoRA need, drifts away from them (train/nano/README.md)."""
+        return name.startswith(WINDOW_PATH_PREFIXES)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

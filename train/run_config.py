@@ -103,9 +103,9 @@ class OptimSection:
     # LoRA frozen (lr 0) for the first N steps, so that the connector learns to carry the audio before
     # the LLM can learn to answer from the prompt alone; 0 = official (all train from the start)
     lora_start_step: int = 0
-    # lr multiplier (LM stage and [align]) for connector weights that start pretrained (Whisper's decoder as
-    # the Q-Former and its vocabulary projection: Salmonn.starts_pretrained); 1 = as the rest of the connector
-    pretrained_lr_scale: float = 1.0
+    # lr multiplier (LM stage and [align]) for what makes the window tokens (LayerNorms, Q-Former, projection:
+    # Salmonn.in_window_path); the clip token's head and LoRA keep the schedule's rate. 1 = one rate (official)
+    window_lr_scale: float = 1.0
     batch_size: int = 8             # samples per process per micro-step
     accum_steps: int = 1            # micro-steps per optimizer step
 
@@ -217,8 +217,8 @@ class TrainConfig:
                               "train) and lm_weight 0 (the CTC head stays untrained)")
         if a.tag_field and a.steps == 0:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
-        if not 0 < o.pretrained_lr_scale < float("inf"):
-            raise ConfigError(f"[optim] pretrained_lr_scale must be a positive number, not {o.pretrained_lr_scale}")
+        if not 0 < o.window_lr_scale < float("inf"):
+            raise ConfigError(f"[optim] window_lr_scale must be a positive number, not {o.window_lr_scale}")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 
