@@ -32,8 +32,6 @@ TRAINABLE_PREFIXES = ("speech_Qformer.", "speech_query_tokens", "speech_llama_pr
                       "clip_token_head.")     # the last only with `config.clip_token_hidden` (not official)
 # What makes the window tokens (Salmonn.in_window_path)
 WINDOW_PATH_PREFIXES = ("ln_speech.", "ln_audio.", "speech_Qformer.", "speech_query_tokens", "speech_llama_proj.")
-# Saved with the trained tensors but never trained: the LLM's own embedding table inside the vocabulary projection
-FROZEN_SAVED = ("speech_llama_proj.embeddings",)
 LORA_NAME_PARTS = (".lora_A.", ".lora_B.")
 LN_SPEECH_EPS = 1e-5           # nn.LayerNorm default, as in the official code (both LNs)
 QUERY_TOKEN_INIT_STD = 0.02
@@ -290,7 +288,8 @@ class Salmonn(nn.Module):
         llm = llm if llm is not None else build_llama(config.llm)
         self.llama_model = wrap_lora(llm, config.lora)
         for name, param in self.named_parameters():
-            param.requires_grad_(is_trainable_name(name) and name not in FROZEN_SAVED)
+            # a trained module's own frozen tensors (the LLM table in VocabProjection) stay frozen, though saved
+            param.requires_grad_(is_trainable_name(name) and param.requires_grad)
         self._lora_scale = config.lora.scale
         self.eval()
 
