@@ -189,6 +189,15 @@ def test_config_errors_and_overrides(tmp_path):
         load_train_config(path, ["model.audio_vocab=4096"])
     with pytest.raises(ConfigError, match="window_lr_scale must be a positive number"):
         load_train_config(path, ["optim.window_lr_scale=0.0"])
+    with pytest.raises(ConfigError, match=r"\[align\] whisper_vocab needs \[model\] audio_vocab > 0"):
+        load_train_config(path, ["align.whisper_vocab=true"])
+    decoder = ['model.qformer_kind="whisper_decoder"', "model.audio_vocab=64", "align.whisper_vocab=true"]
+    for conflict in ("align.pieces=40", "align.lm_weight=0.5"):
+        with pytest.raises(ConfigError, match="pieces 0 and lm_weight 0"):
+            load_train_config(path, [*decoder, "align.steps=5", conflict])
+    assert load_train_config(path, decoder).align.whisper_vocab
+    with pytest.raises(ConfigError, match=r"\[align\] window_lr_scale must be a finite number >= 0"):
+        load_train_config(path, ["align.window_lr_scale=-0.5"])
     for gain in ("-1.0", "nan", "inf"):
         with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
             load_train_config(path, [f"model.beats_stream_gain={gain}"])

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from conftest import OFFICIAL_TINY
 from salmonn_cli.config import WHISPER_DECODER_QFORMER, LoraDims, QFormerDims
 from salmonn_cli.errors import ModelError
 from test_decoder_qformer import PROMPT, assert_onnx_export_matches, clip_features, small_ct2_whisper
+from train.align import WhisperVocabCtcHead, ctc_log_probs, ctc_loss, target_classes, whisper_pieces
 from train.official import build_from_parts, load_official, save_official_format
 from train.vocab_projection import VocabProjection, kept_whisper_ids, split_into
 
@@ -152,3 +155,91 @@ def test_the_window_path_gets_its_own_learning_rate(vocab_model):
     assert {id(p) for g in groups if g["lr_scale"] == 0.1 for p in g["params"]} == ids
     assert {g["lr_scale"] for g in groups} == {0.1, 1.0}
     assert {g["lr_scale"] for g in param_groups(model, 0.05)} == {1.0}
+
+
+# --- [align] whisper_vocab: CTC over the Whisper tokens the projection reads ----------------------------
+
+def test_whisper_vocab_ctc_head_spells_transcripts_in_kept_pieces(vocab_model):
+    _, _, model, _ = vocab_model
+    head = WhisperVocabCtcHead(whisper_pieces(model))
+    pieces = [WHISPER_VOCAB[i] for i in kept_whisper_ids(WHISPER_VOCAB, AUDIO_VOCAB - 1)]
+    target = head.target("front center.")               # after a space, as Whisper writes a first word
+    assert [pieces[c - 1] for c in target] == ["Ġfront", "Ġcenter", "."]
+    assert [pieces[c - 1] for c in head.target("fronts!")] == ["Ġfront", "s"]      # "!" is no kept piece
+    assert head.target("  ") == []                      # nothing said: all blank
+    path = [0, target[0], target[0], 0, target[1], 0, 0, target[2]]
+    log_probs = torch.full((len(path), AUDIO_VOCAB), -9.0)
+    log_probs[torch.arange(len(path)), torch.tensor(path)] = 0.0
+    assert head.transcript(log_probs) == "front center."
+    logits = torch.randn(2, 3, AUDIO_VOCAB)             # the blank is the last column, <|endoftext|>
+    torch.testing.assert_close(head(logits)[..., 0], logits.log_softmax(-1)[..., -1])
+    torch.testing.assert_close(head(logits)[..., 1:], logits.log_softmax(-1)[..., :-1])
+
+
+def test_whisper_vocab_ctc_scores_the_logits_that_made_each_clips_tokens(vocab_model):
+    """`ctc_log_probs` catches the projection's Whisper logits on the way: per clip of a batch, the softmax
+    of what it returns, times the LLM table, is the clip's own window tokens (the linear path at 0)."""
+    _, _, model, config = vocab_model
+    head = WhisperVocabCtcHead(whisper_pieces(model))
+    clips = [clip_features(seconds, config, seed) for seconds, seed in ((1.5, 3), (4.0, 4))]
+    batch = SimpleNamespace(mel=torch.cat([mel for mel, _ in clips]), fbanks=[fbank[0] for _, fbank in clips],
+                            clips=[("a",), ("b",)])
+    direct = model.speech_llama_proj.direct
+    state = {k: v.clone() for k, v in direct.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        for p in direct.parameters():                  # another test may have moved it
+            p.zero_()
+        tokens, log_probs, counts = ctc_log_probs(model, head, batch, None)
+        direct.load_state_dict(state)
+        assert counts[0] < counts[1] and log_probs.shape[:2] == (2, counts[1])
+        for k, n in enumerate(counts):
+            words = torch.cat([log_probs[k, :n, 1:], log_probs[k, :n, :1]], dim=-1).exp()
+            torch.testing.assert_close(words @ model.speech_llama_proj.embeddings, tokens[k, :n], rtol=0, atol=1e-5)
+
+
+def test_whisper_vocab_targets_are_transcripts_only():
+    from train.data import Sample
+
+    head = WhisperVocabCtcHead(tuple(WHISPER_VOCAB[i] for i in kept_whisper_ids(WHISPER_VOCAB, AUDIO_VOCAB - 1)))
+    samples = [Sample("speech.wav", "front left.", "asr"), Sample("bell.wav", "", "asr"),
+               Sample("dog.wav", "A dog barks.", "audiocaption")]
+    targets = target_classes(SimpleNamespace(samples=samples), head, eos_token_id=0)
+    assert targets == {("speech.wav",): head.target("front left."), ("bell.wav",): []}
+
+
+def test_whisper_vocab_ctc_teaches_the_decoder_where_the_words_are(vocab_model):
+    """A few CTC steps on the window path alone and greedy decoding of the projection's own Whisper logits
+    spells the clip's transcript (the random small decoder starts far from it)."""
+    _, _, model, config = vocab_model
+    head = WhisperVocabCtcHead(whisper_pieces(model))
+    mel, fbank = clip_features(3.0, config, seed=7)
+    batch = SimpleNamespace(mel=mel, fbanks=[fbank[0]], clips=[("a",)])
+    target = head.target("front center.")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for n, p in model.named_parameters() if p.requires_grad and model.in_window_path(n)]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    torch.manual_seed(0)
+    model.eval()                                        # no dropout: the test is about the gradient path
+    with torch.no_grad():
+        _, log_probs, counts = ctc_log_probs(model, head, batch, None)
+    assert head.transcript(log_probs[0, :counts[0]]) != "front center."
+    try:
+        for _ in range(60):
+            _, log_probs, counts = ctc_log_probs(model, head, batch, None)
+            loss = ctc_loss(log_probs, [target], counts, "mean")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            _, log_probs, counts = ctc_log_probs(model, head, batch, None)
+        assert head.transcript(log_probs[0, :counts[0]]) == "front center."
+    finally:
+        model.load_state_dict(state)
+
+
+def test_whisper_vocab_needs_the_vocabulary_projection():
+    with pytest.raises(ValueError, match="whisper_vocab needs a model built with"):
+        whisper_pieces(SimpleNamespace(speech_llama_proj=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="must end with <\\|endoftext\\|>"):
+        WhisperVocabCtcHead(("Ġa", "b"))

@@ -20,6 +20,14 @@ the word it carries, but an open-vocabulary set has thousands of ids seen a few 
 that must tell them apart from a few examples learns the frequent words only. A few hundred pieces are
 each heard hundreds of times and spell any word, so the connector learns how words sound.
 
+With `[align] whisper_vocab` (a model with `[model] audio_vocab`, whose window tokens are Whisper's next-word
+distributions written as LLM embeddings: train/vocab_projection.py) the units are Whisper's own kept tokens and
+the scores the projection's Whisper logits themselves (`WhisperVocabCtcHead`, no parameters): the blank is
+<|endoftext|>, what the decoder predicts where nothing is said. CTC then teaches the decoder to write each word
+on a window where it is heard, in the vocabulary it already reads, and the LLM embeddings follow; only clips
+whose target is a transcript count (a clip with no speech: all blank), a caption is not what its windows say.
+CTC over the LLM's ids on such a connector collapsed its word tokens (train/nano/README.md).
+
 With `[align] tag_field` (an annotation field naming each clip's sound class, e.g. nano's "event") a
 `TagHead` also learns to name that class from the clip's audio tokens (attention pooling over them),
 at `tag_weight`: CTC alone teaches speech clips' tokens to spell the words, and a sound behind the
@@ -51,17 +59,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from train.data import AnnotationDataset, Sample, SampleStream, collate, read_annotations
+from train.data import AnnotationDataset, Batch, Sample, SampleStream, collate, read_annotations
 from train.encoder_cache import FrozenEncoderCache
 from train.loss import encode_batch, window_token_counts
 from train.model import Salmonn
+from train.vocab_projection import WHISPER_END_OF_TEXT, VocabProjection, byte_level, from_byte_level, split_into
 from train.official import apply_checkpoint_state, atomic_save
 from train.weight_decay import decays
 
 ALIGN_NAME = "align.pth"
 ALIGN_LOG_NAME = "align.jsonl"
 LOG_EVERY = 50
+TRANSCRIPT_TASK = "asr"           # the task whose answers are what the clip's windows say
 WARMUP_FRACTION = 0.05          # linear warm-up over the first 5 % of the steps
 FINAL_LR_FRACTION = 0.1         # then cosine down to a tenth
 
@@ -170,6 +181,38 @@ class PieceCtcHead(nn.Module):
         return self.vocabulary.decode([c - 1 for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])])
 
 
+class WhisperVocabCtcHead(nn.Module):
+    """The window tokens' Whisper logits (B, T, N + 1; `VocabProjection.logits`, the kept text tokens then
+    <|endoftext|>) -> log-probabilities (B, T, 1 + N): class 0, the blank, is <|endoftext|>, class k the kept
+    Whisper token k - 1 (`pieces`, byte-level BPE spellings). No parameters: the scores are the projection's."""
+
+    def __init__(self, pieces: tuple[str, ...]):
+        super().__init__()
+        if len(pieces) < 2 or pieces[-1] != WHISPER_END_OF_TEXT:
+            raise ValueError(f"Whisper's kept pieces must end with {WHISPER_END_OF_TEXT}")
+        self.pieces = tuple(pieces)
+        self._class = {piece: k + 1 for k, piece in enumerate(self.pieces[:-1])}
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        log_probs = logits.float().log_softmax(dim=-1)
+        return torch.cat([log_probs[..., -1:], log_probs[..., :-1]], dim=-1)
+
+    def target(self, text: str) -> list[int]:
+        """A transcript -> classes: its byte-level spelling (after a space, as Whisper writes a transcript's
+        first word) cut into kept pieces by greedy longest match; "" -> [] (all blank)."""
+        text = text.strip()
+        return split_into(byte_level(" " + text), self._class) if text else []
+
+    def transcript(self, log_probs: torch.Tensor) -> str:
+        """(T, 1 + N) of one clip -> text: best class per token, repeats merged, blanks dropped."""
+        best = log_probs.argmax(dim=-1).tolist()
+        kept = [self.pieces[c - 1] for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
+        return from_byte_level("".join(kept)).strip()
+
+
+AnyCtcHead = CtcHead | PieceCtcHead | WhisperVocabCtcHead
+
+
 class TagHead(nn.Module):
     """Audio tokens (B, T, H) of clips with `counts` real tokens -> class logits (B, C): a per-token
     linear classifier averaged with learned attention weights over each clip's own tokens."""
@@ -226,6 +269,34 @@ def clip_tags(annotation_file: str | Path, field: str) -> dict[tuple[str, ...], 
     return tags
 
 
+def whisper_pieces(model: Salmonn) -> tuple[str, ...]:
+    """The Whisper pieces `model`'s vocabulary projection reads (`[align] whisper_vocab` needs them)."""
+    projection = model.speech_llama_proj
+    if not isinstance(projection, VocabProjection) or not projection.pieces:
+        raise ValueError("[align] whisper_vocab needs a model built with [model] audio_vocab > 0 from Whisper's vocabulary")
+    return projection.pieces
+
+
+def ctc_log_probs(model: Salmonn, head: AnyCtcHead, batch: Batch,
+                  cache: FrozenEncoderCache | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A batch's audio tokens (B, T, H), the CTC head's log-probabilities of its window tokens
+    (B, T', classes) and each sample's window-token count. A `WhisperVocabCtcHead` scores the Whisper
+    logits the projection computes on the way to the tokens (caught there, not computed twice)."""
+    if not isinstance(head, WhisperVocabCtcHead):
+        tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
+        return tokens, head(tokens), window_token_counts(model, tokens, batch)
+    caught = []
+    hook = model.speech_llama_proj.logits.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
+    finally:
+        hook.remove()
+    counts = window_token_counts(model, tokens, batch)
+    # one row per window token of the batch, clip after clip, as `encode_batch` cuts its tokens
+    logits = caught[0].reshape(-1, caught[0].shape[-1])
+    return tokens, head(pad_sequence(list(logits.split(counts)), batch_first=True)), counts
+
+
 def ctc_loss(log_probs: torch.Tensor, targets: list[list[int]], counts: list[int], reduction: str) -> torch.Tensor:
     """CTC of (B, T, 1 + V) log-probabilities (blank 0) against each sample's target classes; a target
     that cannot fit its sample's `counts` tokens adds nothing."""
@@ -248,17 +319,20 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
           weight_decay: float, grad_clip: float, seed: int, eos_token_id: int,
           cache: FrozenEncoderCache | None, autocast: Callable[[], AbstractContextManager],
           log: Callable[[dict], None], tags: dict[tuple[str, ...], str] | None = None,
-          tag_weight: float = 0.0, pieces: int = 0,
-          window_lr_scale: float = 1.0, ctc_weight: float = 1.0) -> tuple[CtcHead | PieceCtcHead, TagHead | ClipTagHead | None]:
+          tag_weight: float = 0.0, pieces: int = 0, whisper_vocab: bool = False,
+          window_lr_scale: float = 1.0, ctc_weight: float = 1.0) -> tuple[AnyCtcHead, TagHead | ClipTagHead | None]:
     """Train the connector of `model` by CTC on `dataset` (one target per clip) for `steps` steps: over the
-    LLM's token ids, or with `pieces` > 0 over that many word pieces learned from the targets; with
+    LLM's token ids, with `pieces` > 0 over that many word pieces learned from the targets, or with
+    `whisper_vocab` over the Whisper tokens its vocabulary projection reads (transcripts only); with
     `tags` (clip key -> class, see `clip_tags`) also by a `TagHead`'s cross-entropy at `tag_weight`. Connector
     parameters that make the window tokens (`Salmonn.in_window_path`) move at `window_lr_scale` times `lr`.
     The CTC loss counts at `ctc_weight`; at 0 it is only logged and the window tokens do not train."""
 
     device = next(model.parameters()).device
     embeddings = model.llama_model.get_input_embeddings().weight.detach()
-    if pieces:
+    if whisper_vocab:
+        head = WhisperVocabCtcHead(whisper_pieces(model)).to(device)
+    elif pieces:
         vocabulary = PieceVocabulary.train([s.text for s in dataset.samples], pieces)
         head = PieceCtcHead(embeddings.shape[1], vocabulary).to(device)
     else:
@@ -297,11 +371,10 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
             group["lr"] = lr * lr_factor(step, steps) * group["lr_scale"]
         batch = collate([dataset[(stream[step * batch_size + i], 0)] for i in range(batch_size)]).to(device)
         with autocast():
-            tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, cache)
-            log_probs = head(tokens)
-        targets = [clip_targets[clip] for clip in batch.clips]
-        counts = window_token_counts(model, tokens, batch)
-        ctc = ctc_loss(log_probs, targets, counts, "mean")
+            tokens, log_probs, counts = ctc_log_probs(model, head, batch, cache)
+        rows = [i for i, clip in enumerate(batch.clips) if clip in clip_targets]
+        ctc = (ctc_loss(log_probs[rows], [clip_targets[batch.clips[i]] for i in rows], [counts[i] for i in rows], "mean")
+               if rows else log_probs.sum() * 0.0)
         losses.append(float(ctc.detach()))
         loss = ctc_weight * ctc if ctc_weight else 0.0
         if tag_head is not None:
@@ -332,7 +405,7 @@ def align(model: Salmonn, dataset: AnnotationDataset, *, steps: int, lr: float, 
     return head, tag_head
 
 
-def save_alignment(path: Path, model: Salmonn, head: CtcHead | PieceCtcHead, checkpoint_config: dict,
+def save_alignment(path: Path, model: Salmonn, head: AnyCtcHead, checkpoint_config: dict,
                    tag_head: TagHead | ClipTagHead | None = None) -> None:
 
     def cpu(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -342,17 +415,21 @@ def save_alignment(path: Path, model: Salmonn, head: CtcHead | PieceCtcHead, che
              "head": cpu(head), "config": checkpoint_config}
     if isinstance(head, PieceCtcHead):
         saved["pieces"] = head.vocabulary.serialized
+    if isinstance(head, WhisperVocabCtcHead):
+        saved["whisper_vocab"] = True
     if tag_head is not None:
         saved.update(tag_head=cpu(tag_head), tag_classes=tag_head.classes)
     atomic_save(saved, path)
 
 
-def load_alignment(path: Path, model: Salmonn) -> CtcHead | PieceCtcHead:
+def load_alignment(path: Path, model: Salmonn) -> AnyCtcHead:
     """Put the aligned connector of `path` into `model`; returns the CTC head."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     apply_checkpoint_state(model, saved["model"], source=str(path))
     head_state = saved["head"]
     embeddings = model.llama_model.get_input_embeddings().weight.detach().cpu()
+    if saved.get("whisper_vocab"):
+        return WhisperVocabCtcHead(whisper_pieces(model))
     if "pieces" in saved:
         head = PieceCtcHead(embeddings.shape[1], PieceVocabulary(saved["pieces"]))
     else:
@@ -368,18 +445,21 @@ def alignment_set(dataset: AnnotationDataset, tasks: list[str]) -> AnnotationDat
 
 
 
-def target_classes(dataset: AnnotationDataset, head: CtcHead | PieceCtcHead,
+def target_classes(dataset: AnnotationDataset, head: AnyCtcHead,
                    eos_token_id: int) -> dict[tuple[str, ...], list[int]]:
-    """Clip key -> its CTC target as head classes, for the clips of an alignment set."""
+    """Clip key -> its CTC target as head classes, for the clips of an alignment set (a
+    `WhisperVocabCtcHead`: only the clips whose target is a transcript)."""
+    if isinstance(head, WhisperVocabCtcHead):
+        return {(s.path, *s.expand_wav): head.target(s.text) for s in dataset.samples if s.task == TRANSCRIPT_TASK}
     if isinstance(head, PieceCtcHead):
         return {(s.path, *s.expand_wav): head.target(s.text) for s in dataset.samples}
     return {(s.path, *s.expand_wav): head.classes([t for t in dataset._tokens(s.text) if t != eos_token_id])
             for s in dataset.samples}
 
 
-def transcript(head: CtcHead | PieceCtcHead, log_probs: torch.Tensor, dataset: AnnotationDataset) -> str:
+def transcript(head: AnyCtcHead, log_probs: torch.Tensor, dataset: AnnotationDataset) -> str:
     """Greedy CTC decoding of one clip's (T, classes) log-probabilities, as text."""
-    if isinstance(head, PieceCtcHead):
+    if isinstance(head, (PieceCtcHead, WhisperVocabCtcHead)):
         return head.transcript(log_probs)
     return dataset.tokenizer.decode(head.greedy(log_probs))
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from salmonn_cli.config import SalmonnConfig
-from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, CtcHead, CtcObjective, PieceCtcHead, align, alignment_set,
+from train.align import (ALIGN_LOG_NAME, ALIGN_NAME, AnyCtcHead, CtcObjective, align, alignment_set,
                          clip_tags, load_alignment, save_alignment, target_classes)
 from train.beats import load_beats_state_dict
 from train.data import (AnnotationDataset, SampleStream, StepBatchSampler, StepPlan, Tokenizer, check_tasks,
@@ -291,7 +291,7 @@ def evaluate(net: torch.nn.Module, trainer: TrainingModel, dataset: AnnotationDa
 
 
 def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train_set: AnnotationDataset,
-                  cache: FrozenEncoderCache | None, autocast, d: Dist, resume: bool) -> CtcHead | PieceCtcHead:
+                  cache: FrozenEncoderCache | None, autocast, d: Dist, resume: bool) -> AnyCtcHead:
     """`[align]`: the CTC warm-up of the connector (train/align.py), or its saved result."""
     out_dir = Path(cfg.run.out_dir)
     aligned = out_dir / ALIGN_NAME
@@ -307,8 +307,8 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
     head, tag_head = align(model, alignment_set(train_set, a.tasks), steps=a.steps, lr=a.lr, batch_size=a.batch_size,
                            weight_decay=o.weight_decay, grad_clip=o.grad_clip, seed=cfg.run.seed,
                            eos_token_id=config.llm.eos_token_id, cache=cache, autocast=autocast, log=log.write,
-                           tags=tags, tag_weight=a.tag_weight, pieces=a.pieces,
-                           window_lr_scale=o.window_lr_scale, ctc_weight=a.ctc_weight)
+                           tags=tags, tag_weight=a.tag_weight, pieces=a.pieces, whisper_vocab=a.whisper_vocab,
+                           window_lr_scale=a.window_lr_scale or o.window_lr_scale, ctc_weight=a.ctc_weight)
     if d.is_main:
         save_alignment(aligned, model, head, {"model": checkpoint_model_config(config, cfg.model), "run": cfg.to_dict()},
                        tag_head)

@@ -141,6 +141,10 @@ class AlignSection:
     # the CTC loss's weight; 0 = only the tag head and the clip token train (a connector whose window tokens
     # start as the LLM's words, `[model] audio_vocab`, lost them to the CTC: train/nano/README.md)
     ctc_weight: float = 1.0
+    # CTC units: the Whisper tokens the window tokens project through ([model] audio_vocab), blank <|endoftext|>,
+    # scored by the projection's own Whisper logits; transcripts only (train/align.py `WhisperVocabCtcHead`)
+    whisper_vocab: bool = False
+    window_lr_scale: float = 0.0    # the window path's lr multiplier here; 0 = [optim] window_lr_scale
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection,
@@ -215,6 +219,11 @@ class TrainConfig:
         if not 0 <= a.ctc_weight < float("inf") or (a.ctc_weight == 0 and a.steps and (not a.tag_field or a.lm_weight)):
             raise ConfigError("[align] ctc_weight must be a finite number >= 0; 0 needs a tag_field (something to "
                               "train) and lm_weight 0 (the CTC head stays untrained)")
+        if a.whisper_vocab and (not m.audio_vocab or a.pieces or a.lm_weight):
+            raise ConfigError("[align] whisper_vocab needs [model] audio_vocab > 0, and pieces 0 and lm_weight 0 "
+                              "(the Whisper logits are not the LM stage's audio tokens)")
+        if not 0 <= a.window_lr_scale < float("inf"):
+            raise ConfigError(f"[align] window_lr_scale must be a finite number >= 0, not {a.window_lr_scale}")
         if a.tag_field and a.steps == 0:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
         if not 0 < o.window_lr_scale < float("inf"):

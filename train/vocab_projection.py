@@ -14,6 +14,7 @@ writes the LLM's own end-of-text embedding.
 from __future__ import annotations
 
 import torch
+from tokenizers import decoders, pre_tokenizers
 from torch import nn
 
 WHISPER_END_OF_TEXT = "<|endoftext|>"
@@ -30,6 +31,8 @@ class VocabProjection(nn.Module):
         self.logits = nn.Linear(hidden, vocab, bias=False)
         self.embeddings = nn.Parameter(torch.zeros(vocab, llm_hidden), requires_grad=False)
         self.direct = nn.Linear(hidden, llm_hidden)
+        # each row's Whisper piece (byte-level spelling), known once loaded from Whisper (`load_vocab_projection`)
+        self.pieces: tuple[str, ...] = ()
         nn.init.zeros_(self.direct.weight)
         nn.init.zeros_(self.direct.bias)
 
@@ -47,6 +50,16 @@ def kept_whisper_ids(vocabulary: list[str], n_text: int) -> list[int]:
         raise ValueError(f"audio_vocab {n_text + 1} must keep between 1 and {end} of Whisper's {end} text tokens "
                          "(plus <|endoftext|>)")
     return [*range(n_text), end]
+
+
+def byte_level(text: str) -> str:
+    """Text -> its byte-level BPE spelling (GPT-2's alphabet: one character per UTF-8 byte, " " -> "Ġ")."""
+    return "".join(part for part, _ in pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text))
+
+
+def from_byte_level(spelling: str) -> str:
+    """`byte_level` undone (bytes that end mid-character read as U+FFFD)."""
+    return decoders.ByteLevel().decode([spelling])
 
 
 def split_into(piece: str, llm_vocab: dict[str, int]) -> list[int]:
@@ -84,5 +97,6 @@ def load_vocab_projection(projection: VocabProjection, whisper_embedding: torch.
     """Start the projection as "Whisper's next word, written as the LLM's embedding of it"."""
     ids = kept_whisper_ids(whisper_vocabulary, projection.logits.out_features - 1)
     projection.logits.weight.copy_(whisper_embedding[ids])
+    projection.pieces = tuple(whisper_vocabulary[i] for i in ids)
     projection.embeddings.copy_(llm_embeddings_of([whisper_vocabulary[i] for i in ids], llm_vocab,
                                                   llm_end_of_text, llm_embeddings))

@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from salmonn_cli.errors import SalmonnError
-from train.align import transcript
+from train.align import ctc_log_probs, transcript
 from train.data import AnnotationDataset, Tokenizer, collate, read_annotations, read_prompts
 from train.loop import (AMP_DTYPES, build_model, cpu_autocast_mode, frozen_encoder_cache, run_alignment,
                         setup_distributed)
-from train.loss import encode_batch, window_token_counts
 from train.nano.evaluate import is_empty_transcript, word_error_rate
 from train.nano.recipe import FULL_CONFIG, ensure_beats, run_overrides
 from train.run_config import load_train_config
@@ -43,9 +42,7 @@ def decode(model, head, dataset: AnnotationDataset, autocast) -> list[str]:
         for start in range(0, len(dataset), BATCH):
             batch = collate([dataset[(i, 0)] for i in range(start, min(start + BATCH, len(dataset)))])
             with autocast():
-                tokens = encode_batch(model, batch.mel, batch.fbanks, batch.clips, None)
-                log_probs = head(tokens)
-            counts = window_token_counts(model, tokens, batch)
+                _, log_probs, counts = ctc_log_probs(model, head, batch, None)
             texts += [transcript(head, log_probs[k, :n], dataset) for k, n in enumerate(counts)]
     return texts
 

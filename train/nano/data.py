@@ -79,6 +79,12 @@ PROMPTS = {
         "<Speech><SpeechHere></Speech> What is the content of the speech you heard?",
         "<Speech><SpeechHere></Speech> Please transcribe the speech.",
         "<Speech><SpeechHere></Speech> Write down exactly what the speaker says.",
+        # the plain questions a user types (README's first demo asks the first one): without them in
+        # the asr pool the model took them for a caption request ("A man is speaking.")
+        "<Speech><SpeechHere></Speech> What does the speaker say?",
+        "<Speech><SpeechHere></Speech> What is the speaker saying?",
+        "<Speech><SpeechHere></Speech> What is being said?",
+        "<Speech><SpeechHere></Speech> Transcribe this recording.",
     ],
     "audiocaption": [
         "<Speech><SpeechHere></Speech> Please describe the audio.",
