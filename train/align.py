@@ -65,8 +65,8 @@ from train.data import AnnotationDataset, Batch, Sample, SampleStream, collate, 
 from train.encoder_cache import FrozenEncoderCache
 from train.loss import encode_batch, window_token_counts
 from train.model import Salmonn
-from train.vocab_projection import WHISPER_END_OF_TEXT, VocabProjection, byte_level, from_byte_level, split_into
 from train.official import apply_checkpoint_state, atomic_save
+from train.vocab_projection import WHISPER_END_OF_TEXT, VocabProjection, byte_level, from_byte_level, split_into
 from train.weight_decay import decays
 
 ALIGN_NAME = "align.pth"
