@@ -66,7 +66,8 @@ from train.encoder_cache import FrozenEncoderCache
 from train.loss import encode_batch, window_token_counts
 from train.model import Salmonn
 from train.official import apply_checkpoint_state, atomic_save
-from train.vocab_projection import WHISPER_END_OF_TEXT, VocabProjection, byte_level, from_byte_level, split_into
+from train.vocab_projection import (WHISPER_END_OF_TEXT, VocabProjection, byte_level_words, from_byte_level,
+                                    split_into)
 from train.weight_decay import decays
 
 ALIGN_NAME = "align.pth"
@@ -199,9 +200,9 @@ class WhisperVocabCtcHead(nn.Module):
 
     def target(self, text: str) -> list[int]:
         """A transcript -> classes: its byte-level spelling (after a space, as Whisper writes a transcript's
-        first word) cut into kept pieces by greedy longest match; "" -> [] (all blank)."""
+        first word), each pre-tokenized word cut into kept pieces by greedy longest match; "" -> [] (all blank)."""
         text = text.strip()
-        return split_into(byte_level(" " + text), self._class) if text else []
+        return [c for word in byte_level_words(" " + text) for c in split_into(word, self._class)] if text else []
 
     def transcript(self, log_probs: torch.Tensor) -> str:
         """(T, 1 + N) of one clip -> text: best class per token, repeats merged, blanks dropped."""
@@ -426,10 +427,10 @@ def load_alignment(path: Path, model: Salmonn) -> AnyCtcHead:
     """Put the aligned connector of `path` into `model`; returns the CTC head."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     apply_checkpoint_state(model, saved["model"], source=str(path))
-    head_state = saved["head"]
-    embeddings = model.llama_model.get_input_embeddings().weight.detach().cpu()
     if saved.get("whisper_vocab"):
         return WhisperVocabCtcHead(whisper_pieces(model))
+    head_state = saved["head"]
+    embeddings = model.llama_model.get_input_embeddings().weight.detach().cpu()
     if "pieces" in saved:
         head = PieceCtcHead(embeddings.shape[1], PieceVocabulary(saved["pieces"]))
     else:

@@ -52,13 +52,15 @@ def kept_whisper_ids(vocabulary: list[str], n_text: int) -> list[int]:
     return [*range(n_text), end]
 
 
-def byte_level(text: str) -> str:
-    """Text -> its byte-level BPE spelling (GPT-2's alphabet: one character per UTF-8 byte, " " -> "Ġ")."""
-    return "".join(part for part, _ in pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text))
+def byte_level_words(text: str) -> list[str]:
+    """Text -> its byte-level BPE spelling (GPT-2's alphabet: one character per UTF-8 byte, " " -> "Ġ"), cut
+    where GPT-2's pre-tokenizer cuts (a word with its leading space, a run of punctuation): no BPE piece,
+    Whisper's included, spans two of these."""
+    return [word for word, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)]
 
 
 def from_byte_level(spelling: str) -> str:
-    """`byte_level` undone (bytes that end mid-character read as U+FFFD)."""
+    """`byte_level_words` undone (their concatenation) (bytes that end mid-character read as U+FFFD)."""
     return decoders.ByteLevel().decode([spelling])
 
 
@@ -98,5 +100,4 @@ def load_vocab_projection(projection: VocabProjection, whisper_embedding: torch.
     ids = kept_whisper_ids(whisper_vocabulary, projection.logits.out_features - 1)
     projection.logits.weight.copy_(whisper_embedding[ids])
     projection.pieces = tuple(whisper_vocabulary[i] for i in ids)
-    projection.embeddings.copy_(llm_embeddings_of([whisper_vocabulary[i] for i in ids], llm_vocab,
-                                                  llm_end_of_text, llm_embeddings))
+    projection.embeddings.copy_(llm_embeddings_of(list(projection.pieces), llm_vocab, llm_end_of_text, llm_embeddings))
