@@ -193,6 +193,10 @@ def ask(
                                         "[default: the model's own, from its manifest; 1 with --temperature > 0]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
     per_chunk: bool = typer.Option(False, "--per-chunk", help="Answer for each ≤30 s chunk of the file separately."),
+    repetition_guard: bool = typer.Option(False, "--repetition-guard/--no-repetition-guard",
+                                          help="Stop an answer that starts repeating itself and keep its first copy "
+                                          "(streamed text shows the repeats made before it stopped) "
+                                          "[default: off, decoding as the official SALMONN does]."),
     per_window: bool = typer.Option(False, "--per-window", hidden=True),     # the old name of --per-chunk
     threads: Optional[int] = threads_option(),
     device: str = device_option(),
@@ -204,7 +208,7 @@ def ask(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file, as each finishes."),
 ) -> None:
     """Answer a question about audio clips (the model is loaded once for all of them)."""
-    from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.prompt import check_instruction
@@ -225,13 +229,14 @@ def ask(
     decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
     streaming = not (as_json or jsonl)
+    guard = RepetitionGuard() if repetition_guard else None
 
     def work(name: str, shown: str) -> dict:
         if streaming and len(files) > 1:
             print_header(shown)
         if per_chunk:
-            return ask_each_chunk(pipeline, name, prompts[0], streaming)
-        return ask_file(pipeline, name, shown, prompts, truncate=truncate, streaming=streaming)
+            return ask_each_chunk(pipeline, name, prompts[0], streaming, guard)
+        return ask_file(pipeline, name, shown, prompts, truncate=truncate, streaming=streaming, guard=guard)
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
         report_placement(pipeline, verbose)
@@ -254,7 +259,8 @@ def report_audio(pipeline, audio_in, audio, shown: str, truncate: bool) -> None:
                f"past the {pipeline.config.max_seconds:g} s the official model was trained on")
 
 
-def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: bool, streaming: bool) -> dict:
+def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: bool, streaming: bool,
+             guard=None) -> dict:
     """An answer to each prompt about the whole file (as much as fits in the context), streamed as it
     comes; with several prompts each answer follows its prompt (`Q: ...`, `A: ...`)."""
     from salmonn_cli.ask import FileAnswer, answer_prompts
@@ -273,7 +279,7 @@ def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: b
             write_out(("\n" if n else "") + f"Q: {one_line(prompt)}\nA: ")
 
     result = answer_prompts(pipeline, audio_in, prompts, truncate=truncate, on_audio=on_audio, on_prompt=on_prompt,
-                            on_text=write_out if streaming else None)
+                            on_text=write_out if streaming else None, stop=guard)
     if streaming:
         write_out("\n")
     if len(prompts) == 1:
@@ -281,7 +287,7 @@ def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: b
     return result.to_dict()
 
 
-def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool) -> dict:
+def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool, guard=None) -> dict:
     """One answer per chunk, each streamed after its times."""
     from salmonn_cli.ask import answer_each_chunk, chunk_label
     from salmonn_cli.audio_input import open_audio
@@ -293,7 +299,7 @@ def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool) -> dict:
             write_out(("\n" if chunk.index else "") + chunk_label(chunk))
 
     result = answer_each_chunk(pipeline, audio_in, prompt, on_chunk=on_chunk,
-                               on_text=write_out if streaming else None)
+                               on_text=write_out if streaming else None, stop=guard)
     if streaming and result.chunks:
         write_out("\n")
     warn_if_cut_short(audio_in)

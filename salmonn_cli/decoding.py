@@ -384,3 +384,8 @@ class TextStream:
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
+
+
+def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
+    stream = TextStream(piece)
+    return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()

@@ -11,8 +11,8 @@ import numpy as np
 
 from salmonn_cli import audio, features
 from salmonn_cli.config import SalmonnConfig
-from salmonn_cli.decoding import (DecodingOptions, StopCheck, SuppressTokens, TextStream, decode,
-                                  make_decoder, verify_options)
+from salmonn_cli.decoding import (STOP_REPETITION, DecodingOptions, RepetitionGuard, StopCheck, SuppressTokens,
+                                  TextStream, decode, make_decoder, render_tokens, verify_options)
 from salmonn_cli.device import (Placement, check_device, llm_gpu_layers, offloaded_layers, require_cuda,
                                 why_cpu)
 from salmonn_cli.encoder import AudioEncoder
@@ -201,7 +201,8 @@ class Pipeline:
                reuse_audio: bool = False) -> Answer:
         """Generate the answer to `instruction` about the audio embeddings `embeds` (n, llm_hidden),
         decoded as `decoding` says (None: `self.decoding`; beams None: `self.decoding`'s). `stop` is
-        checked after each token of each sequence (`decoding.RepetitionGuard`, a cancel check). More
+        checked after each token of each sequence (`decoding.RepetitionGuard`, a cancel check); a loop
+        that a `RepetitionGuard` stopped is cut to its first copy (`on_text` has seen the copies). More
         than one beam runs beam search (transformers 4.28 semantics, as the official model); its text
         comes through `on_text` when the search ends. `reuse_audio`: see `answer_ids`."""
         prompt = build_prompt(self.config, instruction, self.llm.tokenize)
@@ -237,10 +238,14 @@ class Pipeline:
         audio_end = n_prompt - len(ids_after)
         logits = llm.decode_tokens(ids_after[kept:], start_pos=audio_end + kept)
         t1 = time.perf_counter()
-        tokens, stop_reason, text = self._generate(logits, decoding, n_prompt, on_text, stop)
+        generated, stop_reason, text = self._generate(logits, decoding, n_prompt, on_text, stop)
         # sequence 0 holds the prompt and, with one beam, the answer's tokens as far as they were fed back
-        self.cached = CachedPrompt(embeds, list(ids_before), (list(ids_after) + tokens)[:llm.n_past - audio_end],
+        self.cached = CachedPrompt(embeds, list(ids_before), (list(ids_after) + generated)[:llm.n_past - audio_end],
                                    llm.resets)
+        tokens = generated
+        if stop_reason == STOP_REPETITION and isinstance(stop, RepetitionGuard):
+            tokens = stop.trim(generated)
+            text = render_tokens(tokens, llm.token_to_bytes)
         return Answer(text, tokens, stop_reason, n_prompt, t1 - t0, time.perf_counter() - t1, decoding.beams)
 
     def _cached_after(self, embeds: np.ndarray, ids_before: list[int], ids_after: list[int]) -> int | None:

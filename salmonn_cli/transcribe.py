@@ -17,7 +17,7 @@ import numpy as np
 
 from salmonn_cli.audio_input import AudioInput, open_audio
 from salmonn_cli.chunks import CHUNK_SECONDS, SEAM_SEARCH_SECONDS, AudioChunk, iter_chunks
-from salmonn_cli.decoding import STOP_REPETITION, DecodingOptions, RepetitionGuard, TextStream
+from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
 from salmonn_cli.errors import SalmonnError
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT, TRANSLATE_PROMPT
 
@@ -190,21 +190,13 @@ def check_trained_for(manifest, translate: str | None) -> None:
                            "weights with `salmonn export --official-ckpt ...` and pass its folder with --model")
 
 
-def render_tokens(tokens: list[int], piece: Callable[[int], bytes]) -> str:
-    stream = TextStream(piece)
-    return ("".join(stream.push(t) for t in tokens) + stream.flush()).strip()
-
-
 def transcribe_chunk(pipeline, chunk: AudioChunk, prompt: str, options: TranscribeOptions) -> Segment | None:
     """The chunk's segment (None: no text); a loop the repetition guard stopped is cut to its first copy."""
-    guard = options.repetition_guard
     embeds, _ = pipeline.embed_wave(chunk.wave)
-    answer = pipeline.answer(embeds, prompt, options.decoding, stop=guard)
-    tokens, text = answer.tokens, answer.text
-    if guard is not None and answer.stop_reason == STOP_REPETITION:
-        tokens = guard.trim(tokens)
-        text = render_tokens(tokens, pipeline.llm.token_to_bytes)
-    return Segment(chunk.start_s, chunk.end_s, text, tokens, answer.stop_reason, chunk.index) if text else None
+    answer = pipeline.answer(embeds, prompt, options.decoding, stop=options.repetition_guard)
+    if not answer.text:
+        return None
+    return Segment(chunk.start_s, chunk.end_s, answer.text, answer.tokens, answer.stop_reason, chunk.index)
 
 
 def transcribe_file(pipeline, source: str | os.PathLike | BinaryIO | AudioInput,

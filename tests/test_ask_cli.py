@@ -11,11 +11,14 @@ import numpy as np
 import soundfile as sf
 
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
+from salmonn_cli.decoding import RepetitionGuard
+from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 
 PROMPT = "Describe the audio."
 LONG = OFFICIAL_TINY / "long_40s.wav"
 SPEECH = OFFICIAL_TINY / "speech_2p5s.wav"
 SHORT = OFFICIAL_TINY / "short_0p4s.wav"
+NARRATION = AUDIO / "narration-moon-landing.mp3"
 TINY_AUDIO_TOKENS = 88        # per chunk, official geometry
 PROMPT_TEXT_TOKENS = 1 + 7 + 14   # BOS + "USER: <Speech>" + "</Speech> Describe the audio.\nASSISTANT:"
 
@@ -172,3 +175,15 @@ def test_ten_minute_recording_transcribes_with_bounded_memory(model_f32, tmp_pat
         peaks[minutes] = int(r.stdout)
         assert srt_cues((tmp_path / f"{minutes}.srt").read_text())
     assert peaks[10] - peaks[2] < TRANSCRIBE_RSS_BOUND, peaks
+
+
+def test_repetition_guard_cuts_a_looping_answer_to_its_first_copy(model_f32):
+    # the tiny model's random weights fall into a loop on this prompt and audio (measured), and out of it again
+    args = ("ask", NARRATION, TRANSCRIBE_PROMPT, "-m", model_f32, "--max-tokens", "200", "--json")
+    free = json.loads(run_ok(*args).stdout)
+    guarded = json.loads(run_ok(*args, "--repetition-guard").stdout)
+    assert free["stop_reason"] != "repetition" and guarded["stop_reason"] == "repetition"
+    guard = RepetitionGuard()
+    loop_end = next(n for n in range(1, len(free["tokens"]) + 1) if guard(free["tokens"][:n]))
+    assert guarded["tokens"] == guard.trim(free["tokens"][:loop_end]) and guard.find_loop(guarded["tokens"]) is None
+    assert len(guarded["tokens"]) < loop_end and guarded["text"] and free["text"].startswith(guarded["text"])
