@@ -101,9 +101,10 @@ def test_quick_recipe_end_to_end(tmp_path):
     report = tmp_path / "REPORT.md"
     answers = tmp_path / "answers.json"
     run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",
-        "--threads", "1", "--run", str(out / "train"), "--answers", str(answers), "--beams", "2")
+        "--threads", "1", "--run", str(out / "train"), "--answers", str(answers), "--beams", "2",
+        "--repetition-guard")
     text = report.read_text()
-    assert "`salmonn ask` beam search (2 beams)" in text
+    assert "`salmonn ask` beam search (2 beams) with the repetition guard" in text
     for heading in ("## Held-out scores", "## Training", "- CTC alignment", "## Held-out examples"):
         assert heading in text
     assert "| held-out voices reading held-out text |" in text

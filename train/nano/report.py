@@ -1,7 +1,7 @@
 """Evaluate an exported salmonn-nano model with the runtime (`salmonn ask`, torch-free) and write a report.
 
     python -m train.nano.report MODEL_DIR DATA_DIR --out train/nano/REPORT.md [--run RUN_DIR] [--limit N] [--beams N]
-                                [--answers ANSWERS.json]
+                                [--repetition-guard] [--answers ANSWERS.json]
 
 Scores the held-out `test.json` (WER on held-out voices, real speakers and text; empty transcripts where
 nothing is said; sound-event accuracy; train/nano/evaluate.py), side by side with faster-whisper on the
@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from salmonn_cli.beams import MAX_BEAMS, is_beam_count
@@ -53,13 +54,27 @@ def task_instruction(entry: dict, prompts: dict[str, list[str]]) -> str:
     return template.replace(SPEECH_PREFIX, "").replace("{}", "").strip()
 
 
-def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = None, beams: int = 1) -> list[str]:
+@dataclass(frozen=True)
+class AskDecoding:
+    """How the report runs `salmonn ask`: its beams, and whether a looping answer is cut (`--repetition-guard`)."""
+    beams: int = 1
+    repetition_guard: bool = False
+
+    def args(self) -> list[str]:
+        return ["--beams", str(self.beams), *(["--repetition-guard"] if self.repetition_guard else [])]
+
+    def name(self) -> str:
+        return decoding_name(self.beams) + (" with the repetition guard" if self.repetition_guard else "")
+
+
+def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = None,
+        decoding: AskDecoding = AskDecoding()) -> list[str]:
     """Answers of `salmonn ask --jsonl` for `files` (in order), one model load per call."""
     answers: list[str] = []
     for start in range(0, len(files), MAX_FILES_PER_CALL):
         chunk = files[start:start + MAX_FILES_PER_CALL]
         command = [sys.executable, "-m", "salmonn_cli", "ask", "--model", str(model_dir), "--jsonl",
-                   "--max-tokens", str(MAX_ANSWER_TOKENS), "--beams", str(beams),
+                   "--max-tokens", str(MAX_ANSWER_TOKENS), *decoding.args(),
                    *(["--threads", str(threads)] if threads else []),
                    "-p", prompt, *map(str, chunk)]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -72,7 +87,7 @@ def ask(model_dir: Path, files: list[Path], prompt: str, threads: int | None = N
 
 
 def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads: int | None,
-                   beams: int = 1) -> list[str]:
+                   decoding: AskDecoding = AskDecoding()) -> list[str]:
     prompts = json.loads((data_dir / "prompts.json").read_text(encoding="utf-8"))
     by_prompt: dict[str, list[int]] = {}
     for i, entry in enumerate(entries):
@@ -80,7 +95,7 @@ def answer_entries(model_dir: Path, data_dir: Path, entries: list[dict], threads
     answers = [""] * len(entries)
     for prompt, rows in by_prompt.items():
         for row, answer in zip(rows, ask(model_dir, [data_dir / entries[r]["path"] for r in rows], prompt, threads,
-                                             beams)):
+                                             decoding)):
             answers[row] = answer
     return answers
 
@@ -240,22 +255,24 @@ def long_recording_lines(model_dir: Path, data_dir: Path, entries: list[dict], o
 
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                  limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None,
-                 beams: int | None = None) -> Path:
-    """`beams` None: the model's own default decoding (its manifest), as `salmonn ask` without --beams."""
+                 beams: int | None = None, repetition_guard: bool = False) -> Path:
+    """`beams` None: the model's own default decoding (its manifest), as `salmonn ask` without --beams;
+    `repetition_guard`: `salmonn ask --repetition-guard` (`salmonn transcribe` has it on by default)."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     if beams is None:
         beams = load_manifest(model_dir, verify=False).default_beams
+    decoding = AskDecoding(beams, repetition_guard)
     entries = read_entries(data_dir / "test.json")
     if limit:
         entries = entries[:limit]
     started = time.perf_counter()
-    answers = answer_entries(model_dir, data_dir, entries, threads, beams)
+    answers = answer_entries(model_dir, data_dir, entries, threads, decoding)
     scores = score(entries, answers)
     if answers_out:
         write_atomic(Path(answers_out), json.dumps(scored_answers(entries, answers), indent=1, ensure_ascii=False) + "\n")
     lines = ["# salmonn-nano evaluation", "",
              f"Model `{model_dir}`, held-out set `{data_dir / 'test.json'}` ({len(entries)} entries), "
-             f"`salmonn ask` {decoding_name(beams)}, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
+             f"`salmonn ask` {decoding.name()}, at most {MAX_ANSWER_TOKENS} tokens; {time.perf_counter() - started:.0f} s.", "",
              "## Held-out scores", ""]
     wer_rows = [(i, e) for i, e in enumerate(entries) if e.get("metric") == "wer"]
     reference = reference_transcripts([data_dir / e["path"] for _, e in wer_rows], threads)
@@ -290,7 +307,7 @@ def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *
         lines += ["", "## Real clips (verbatim)", ""]
         for prompt in REAL_CLIP_PROMPTS:
             lines += [f"### {prompt}", ""]
-            for clip, answer in zip(clips, ask(model_dir, clips, prompt, threads, beams)):
+            for clip, answer in zip(clips, ask(model_dir, clips, prompt, threads, decoding)):
                 lines.append(f"- `{clip.name}`: {answer!r}")
             lines.append("")
     text = "\n".join(lines).rstrip() + "\n"
@@ -309,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--beams", type=beam_count, default=None,
                         help="salmonn ask --beams (default: the model's own decoding, from its manifest)")
+    parser.add_argument("--repetition-guard", action="store_true",
+                        help="salmonn ask --repetition-guard: a looping answer is cut to its first copy")
     parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
         write_report(args.model_dir, args.data_dir, args.out, run_dir=args.run, limit=args.limit, threads=args.threads,
-                     answers_out=args.answers, beams=args.beams)
+                     answers_out=args.answers, beams=args.beams, repetition_guard=args.repetition_guard)
     except (ReportError, SalmonnError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
