@@ -235,7 +235,7 @@ def ask(
         if streaming and len(files) > 1:
             print_header(shown)
         if per_chunk:
-            return ask_each_chunk(pipeline, name, prompts[0], streaming, guard)
+            return ask_each_chunk(pipeline, name, prompts[0], streaming, guard=guard)
         return ask_file(pipeline, name, shown, prompts, truncate=truncate, streaming=streaming, guard=guard)
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
@@ -287,7 +287,7 @@ def ask_file(pipeline, name: str, shown: str, prompts: list[str], *, truncate: b
     return result.to_dict()
 
 
-def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool, guard=None) -> dict:
+def ask_each_chunk(pipeline, name: str, prompt: str, streaming: bool, *, guard=None) -> dict:
     """One answer per chunk, each streamed after its times."""
     from salmonn_cli.ask import answer_each_chunk, chunk_label
     from salmonn_cli.audio_input import open_audio
