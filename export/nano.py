@@ -24,6 +24,20 @@ def read_recipe(data_dir: Path) -> dict:
         raise ModelError(f"cannot read {data_dir / RECIPE_FILE}: {e}") from None
 
 
+def rebuilt_tensors(recipe: dict, whisper: Path, llm: Path) -> dict:
+    """The frozen tensors packaging left out (`rebuilt_tensors` in nano.json), made again from the base models."""
+    from train.ct2_whisper import read_ct2_decoder
+    from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, read_llm_word_table
+
+    tensors = {}
+    for name in recipe.get("rebuilt_tensors", []):
+        if name != LLM_WORD_TABLE_KEY:
+            raise ModelError(f"nano.json names a tensor to rebuild that this version cannot make: {name!r}")
+        vocabulary = read_ct2_decoder(whisper).vocabulary
+        tensors[name] = read_llm_word_table(vocabulary, int(recipe["model_config"][AUDIO_VOCAB_KEY]), llm)
+    return tensors
+
+
 def build_nano_model(data_dir: Path, out: Path) -> Path:
     if not sys.stderr.isatty():
         # the libraries below draw tqdm bars (GGUF de-quantizing, weight loading); tqdm reads this
@@ -50,6 +64,7 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
                              f"with (torch {torch.__version__}; nano was packaged with torch "
                              f"{recipe.get('torch_version', '?')})")
         tensors = {name: tensor.float() for name, tensor in load_file(data_dir / WEIGHTS_FILE).items()}
+        tensors.update(rebuilt_tensors(recipe, whisper, llm))
         checkpoint = Path(tmp) / "nano.pth"
         torch.save({"model": tensors, "config": {"model": recipe["model_config"]}}, checkpoint)
         export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,

@@ -22,7 +22,7 @@ from salmonn_cli.config import WHISPER_DECODER_QFORMER, LoraDims, QFormerDims
 from salmonn_cli.errors import ModelError
 from test_decoder_qformer import PROMPT, assert_onnx_export_matches, clip_features, small_ct2_whisper
 from train.align import WhisperVocabCtcHead, ctc_log_probs, ctc_loss, target_classes, whisper_pieces
-from train.official import build_from_parts, load_official, save_official_format
+from train.official import build_from_parts, load_official, read_llm_word_table, save_official_format
 from train.vocab_projection import VocabProjection, kept_whisper_ids, split_into
 
 EXACT_ATOL = 0.0
@@ -108,8 +108,9 @@ def test_the_llm_table_is_saved_but_not_trained(vocab_model):
 def test_checkpoint_round_trip_keeps_the_vocabulary(vocab_model, tmp_path):
     whisper, llm, model, config = vocab_model
     with torch.no_grad():
-        for p in model.speech_llama_proj.parameters():     # as after training: every weight its own
-            p.add_(0.01 * torch.randn_like(p))
+        for p in model.speech_llama_proj.parameters():     # as after training: every trained weight its own
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
     save_official_format(model, tmp_path / "ckpt.pth")
     loaded, loaded_config = load_official(tmp_path / "ckpt.pth", whisper, OFFICIAL_TINY / "beats.pt", llm)
     assert loaded_config.audio_vocab == AUDIO_VOCAB and isinstance(loaded.speech_llama_proj, VocabProjection)
@@ -242,3 +243,10 @@ def test_whisper_vocab_needs_the_vocabulary_projection():
         whisper_pieces(SimpleNamespace(speech_llama_proj=torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="must end with <\\|endoftext\\|>"):
         WhisperVocabCtcHead(("Ġa", "b"))
+
+
+def test_the_llm_table_is_rebuilt_exactly_from_the_base_models(vocab_model):
+    # packaging leaves the frozen table out and the default model's build makes it again (export/nano.py)
+    whisper, llm, model, _ = vocab_model
+    table = read_llm_word_table(WHISPER_VOCAB, AUDIO_VOCAB, llm)
+    assert torch.equal(table, model.speech_llama_proj.embeddings)

