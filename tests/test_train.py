@@ -198,6 +198,12 @@ def test_config_errors_and_overrides(tmp_path):
     assert load_train_config(path, decoder).align.whisper_vocab
     with pytest.raises(ConfigError, match=r"\[align\] window_lr_scale must be a finite number >= 0"):
         load_train_config(path, ["align.window_lr_scale=-0.5"])
+    assert load_train_config(path, ["data.task_repeats={audiocaption = 3}"]).data.task_repeats == {"audiocaption": 3}
+    for repeats in ("{audiocaption = 0}", '{QA = "2"}', "{asr = 1.5}"):
+        with pytest.raises(ConfigError, match="task_repeats must map tasks to whole numbers >= 1"):
+            load_train_config(path, [f"data.task_repeats={repeats}"])
+    with pytest.raises(ConfigError, match="task_repeats must be of type dict"):
+        load_train_config(path, ["data.task_repeats=[3]"])
     for gain in ("-1.0", "nan", "inf"):
         with pytest.raises(ConfigError, match="beats_stream_gain must be a finite number"):
             load_train_config(path, [f"model.beats_stream_gain={gain}"])
@@ -270,6 +276,35 @@ def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches(
     assert means != sorted(means)
     with pytest.raises(ValueError):
         SampleStream(10, seed=0, lengths=[1] * 9, group=2)
+
+
+def test_repeated_samples_fill_their_places_in_every_epoch():
+    # [data] task_repeats: sample 1 twice and sample 3 three times an epoch, the rest once
+    lengths = [10, 50, 12, 48, 11]
+    stream = SampleStream(5, seed=3, lengths=lengths, group=2, repeats=[1, 2, 1, 3, 1])
+    for epoch in range(2):
+        drawn = [stream[p] for p in range(8 * epoch, 8 * epoch + 8)]
+        assert sorted(drawn) == [0, 1, 1, 2, 3, 3, 3, 4]
+    assert [SampleStream(5, seed=3, lengths=lengths, group=2, repeats=[1, 2, 1, 3, 1])[p] for p in range(16)] == \
+        [stream[p] for p in range(16)]
+    # all ones: the very order of a stream without repeats
+    assert [SampleStream(5, seed=3, repeats=[1] * 5)[p] for p in range(15)] == [SampleStream(5, seed=3)[p] for p in range(15)]
+    for bad in ([1, 1, 1, 1], [1, 0, 1, 1, 1]):
+        with pytest.raises(ValueError):
+            SampleStream(5, seed=0, repeats=bad)
+
+
+def test_the_lm_stage_draws_each_task_as_often_as_task_repeats_says(tmp_path):
+    class Samples(list):                    # what training_stream reads of an AnnotationDataset
+        samples = property(lambda self: list(self))
+        approx_lengths = lambda self: [10 * (i + 1) for i in range(len(self))]     # noqa: E731
+
+    path = write_toml(run_config(tmp_path, tmp_path / "out"), tmp_path / "c.toml")
+    train_set = Samples(Sample(path=f"{i}.wav", text="x", task=t) for i, t in enumerate(["asr", "audiocaption", "QA", "audiocaption"]))
+    plain = loop.training_stream(load_train_config(path), train_set)
+    repeated = loop.training_stream(load_train_config(path, ["data.task_repeats={audiocaption = 3}"]), train_set)
+    assert sorted(plain[p] for p in range(4)) == [0, 1, 2, 3]
+    assert sorted(repeated[p] for p in range(8)) == [0, 1, 1, 1, 2, 3, 3, 3]
 
 
 def test_approx_lengths_count_audio_question_and_answer_tokens(tiny_model, base):

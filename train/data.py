@@ -315,11 +315,17 @@ class SampleStream:
 
     GROUP_CHUNK = 64
 
-    def __init__(self, n_samples: int, seed: int, lengths: list[int] | None = None, group: int = 0):
+    def __init__(self, n_samples: int, seed: int, lengths: list[int] | None = None, group: int = 0,
+                 repeats: list[int] | None = None):
         if lengths is not None and len(lengths) != n_samples:
             raise ValueError(f"{len(lengths)} lengths for {n_samples} samples")
-        self.n, self.seed = n_samples, seed
-        self.lengths = np.asarray(lengths) if lengths is not None and group > 1 else None
+        if repeats is not None and (len(repeats) != n_samples or min(repeats, default=1) < 1):
+            raise ValueError(f"repeats must be {n_samples} counts of at least 1")
+        # with `repeats`, sample i takes repeats[i] places in every epoch
+        self.pool = np.repeat(np.arange(n_samples), repeats) if repeats is not None else None
+        self.n, self.seed = (n_samples if self.pool is None else len(self.pool)), seed
+        lengths = None if lengths is None or group <= 1 else np.asarray(lengths)
+        self.lengths = lengths if lengths is None or self.pool is None else lengths[self.pool]
         self.group = group
 
     @lru_cache(maxsize=4)
@@ -338,7 +344,8 @@ class SampleStream:
         return np.concatenate(grouped)
 
     def __getitem__(self, position: int) -> int:
-        return int(self._permutation(position // self.n)[position % self.n])
+        place = int(self._permutation(position // self.n)[position % self.n])
+        return place if self.pool is None else int(self.pool[place])
 
 
 @dataclass

@@ -315,6 +315,14 @@ def run_alignment(cfg: TrainConfig, model: Salmonn, config: SalmonnConfig, train
     return head
 
 
+def training_stream(cfg: TrainConfig, train_set: AnnotationDataset) -> SampleStream:
+    """The LM stage's order of training samples: seeded epochs, grouped by length and with each task's
+    `[data] task_repeats` when configured."""
+    repeats = [cfg.data.task_repeats.get(sample.task, 1) for sample in train_set.samples] if cfg.data.task_repeats else None
+    return SampleStream(len(train_set), cfg.run.seed, train_set.approx_lengths() if cfg.data.group_by_length else None,
+                        cfg.optim.batch_size, repeats)
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -484,8 +492,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> Path:
     schedule = WarmupCosineSchedule(optimizer, o)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     plan = StepPlan(o.batch_size, o.accum_steps, d.world_size)
-    stream = SampleStream(len(train_set), r.seed, train_set.approx_lengths() if cfg.data.group_by_length else None,
-                          o.batch_size)
+    stream = training_stream(cfg, train_set)
 
     start_step, best_accuracy = 0, None
     if resume:

@@ -86,6 +86,9 @@ class DataSection:
     num_workers: int = 0            # DataLoader worker processes computing features
     # batches of samples of similar length (train/data.py SampleStream): less right-padding in the LLM
     group_by_length: bool = False
+    # task -> how many times each training annotation of that task is drawn per epoch of the LM stage
+    # (absent: once); [align] is not affected
+    task_repeats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -228,6 +231,8 @@ class TrainConfig:
             raise ConfigError("[align] tag_field needs steps > 0 (the tag head trains during alignment)")
         if not 0 < o.window_lr_scale < float("inf"):
             raise ConfigError(f"[optim] window_lr_scale must be a positive number, not {o.window_lr_scale}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.data.task_repeats.values()):
+            raise ConfigError(f"[data] task_repeats must map tasks to whole numbers >= 1, not {self.data.task_repeats}")
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("[optim] warmup_steps, grad_clip and weight_decay must not be negative")
 
@@ -244,6 +249,8 @@ def _coerce(section: str, f: dataclasses.Field, value):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
         ok = isinstance(value, list)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
