@@ -26,15 +26,13 @@ def read_recipe(data_dir: Path) -> dict:
 
 def rebuilt_tensors(recipe: dict, whisper: Path, llm: Path) -> dict:
     """The frozen tensors packaging left out (`rebuilt_tensors` in nano.json), made again from the base models."""
-    from train.ct2_whisper import read_ct2_decoder
-    from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, read_llm_word_table
+    from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, rebuild_llm_word_table
 
     tensors = {}
     for name in recipe.get("rebuilt_tensors", []):
         if name != LLM_WORD_TABLE_KEY:
             raise ModelError(f"nano.json names a tensor to rebuild that this version cannot make: {name!r}")
-        vocabulary = read_ct2_decoder(whisper).vocabulary
-        tensors[name] = read_llm_word_table(vocabulary, int(recipe["model_config"][AUDIO_VOCAB_KEY]), llm)
+        tensors[name] = rebuild_llm_word_table(whisper, llm, int(recipe["model_config"][AUDIO_VOCAB_KEY]))
     return tensors
 
 

@@ -309,6 +309,11 @@ def _read_vocabulary(path: Path) -> list[str]:
         raise ModelError(f"cannot read Whisper's vocabulary {vocabulary}: {exc.strerror or exc}") from exc
 
 
+def read_ct2_vocabulary(path: Path) -> list[str]:
+    """Whisper's tokens of a CTranslate2 model (folder or model.bin), without reading its weights."""
+    return _read_vocabulary(ct2_model_file(path))
+
+
 def _prompt_ids(path: Path, tokens: list[str]) -> tuple[int, ...]:
     ids = {token: i for i, token in enumerate(tokens)}
     prompt = ENGLISH_ONLY_PROMPT if len(tokens) == ENGLISH_ONLY_VOCAB else MULTILINGUAL_PROMPT

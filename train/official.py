@@ -18,7 +18,7 @@ from salmonn_cli.config import (BERT_QFORMER, QFORMER_KINDS, WHISPER_DECODER_QFO
                                 SalmonnConfig)
 from salmonn_cli.errors import ModelError
 from train.beats import load_beats
-from train.ct2_whisper import is_ct2_model, read_ct2_decoder
+from train.ct2_whisper import is_ct2_model, read_ct2_decoder, read_ct2_vocabulary
 from train.decoder_qformer import DECODER_QFORMER_LN_EPS, load_whisper_decoder
 from train.hf_files import EMBED_KEY, read_byte_level_vocab, read_llm_dims, read_tensors
 from train.model import LORA_ADAPTER, Salmonn, build_llama, is_trainable_name, llama_config
@@ -354,6 +354,12 @@ def build_from_parts(whisper_dir: Path, beats_path: Path, llm_dir: Path, *, qfor
         table = read_llm_word_table(decoder.vocabulary, audio_vocab, llm_dir, llm.get_input_embeddings().weight.detach())
         load_vocab_projection(model.speech_llama_proj, decoder.token_embedding, list(decoder.vocabulary), table)
     return model.float().eval(), config
+
+
+def rebuild_llm_word_table(whisper_dir: Path, llm_dir: Path, audio_vocab: int) -> torch.Tensor:
+    """`read_llm_word_table` from the two base model folders: what packaging checks and leaves out and the
+    default model's build makes again (Whisper's vocabulary.txt and the LLM's embedding are all it reads)."""
+    return read_llm_word_table(read_ct2_vocabulary(whisper_dir), audio_vocab, llm_dir)
 
 
 def read_llm_word_table(whisper_vocabulary, audio_vocab: int, llm_dir: Path,

