@@ -32,6 +32,9 @@ def export(
                                                 help="Q-Former attention heads [default: hidden/64]."),
     default_beams: int = typer.Option(1, "--default-beams", min=1, max=MAX_BEAMS, help="The decoding written into the "
                                       "manifest: what ask and transcribe use without --beams (1 = greedy; 4 = the official)."),
+    repetition_guard: bool = typer.Option(False, "--repetition-guard/--no-repetition-guard", help="Written into the "
+                                          "manifest: ask cuts a looping answer to its first copy unless given "
+                                          "--no-repetition-guard [default: off, as the official SALMONN decodes]."),
     encoder_quant: Optional[str] = typer.Option(None, "--encoder-quant", help="The audio encoder: fp32 or int8 "
                                                 "(faster, less exact: README) [default: int8 with a q* --quant, fp32 with f32 or f16]."),
     requantize_encoder: Optional[Path] = typer.Option(None, "--requantize-encoder", help="Instead of exporting: "
@@ -74,7 +77,7 @@ def export(
         raise SalmonnError("give --official-ckpt (with --whisper, --beats, --llm) or --checkpoint")
     export_model(ckpt=ckpt, whisper=whisper, beats=beats, llm=llm, out=out, quant=quant, force=force,
                  qformer_heads=qformer_heads, default_beams=default_beams, encoder_quant=encoder_quant,
-                 log=lambda m: print(m, file=sys.stderr))
+                 repetition_guard=repetition_guard, log=lambda m: print(m, file=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def publish(tmp: Path, out: Path, force: bool) -> None:
 
 def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path, quant: str,
                  force: bool = False, qformer_heads: int | None = None, default_beams: int = 1,
-                 tasks: list[str] | None = None, encoder_quant: str | None = None, log=print) -> Path:
-    """`encoder_quant`: fp32 (the exported graph) or int8 (export/encoder_quant.py; the fp32 file is
+                 tasks: list[str] | None = None, encoder_quant: str | None = None,
+                 repetition_guard: bool = False, log=print) -> Path:
+    """`default_beams`, `repetition_guard`: the decoding the manifest names as the model's own.
+    `encoder_quant`: fp32 (the exported graph) or int8 (export/encoder_quant.py; the fp32 file is
     not kept); None: int8 with an integer-quantized LLM, fp32 with f32 or f16 (`default_encoder_quant`)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -145,7 +147,8 @@ def export_model(*, ckpt: Path, whisper: Path, beats: Path, llm: Path, out: Path
                                  extra={"lora_adapter": LORA_ADAPTER_FILE,
                                         "source": {"checkpoint": Path(ckpt).name,
                                                    "lora_scale": config.lora.scale}},
-                                 default_beams=default_beams, tasks=tasks, encoder_quant=encoder_quant)
+                                 default_beams=default_beams, tasks=tasks, encoder_quant=encoder_quant,
+                                 repetition_guard=repetition_guard)
         _write_json(tmp / MANIFEST_NAME, manifest)
         publish(tmp, out, force)
     log(f"exported {out} ({quant}, {encoder_quant} audio encoder) in {time.time() - started:.1f} s")

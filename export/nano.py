@@ -67,6 +67,7 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
         torch.save({"model": tensors, "config": {"model": recipe["model_config"]}}, checkpoint)
         export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
                      quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)),
+                     repetition_guard=bool(recipe.get("default_repetition_guard", False)),
                      tasks=recipe.get("tasks"), force=True, log=lambda line: print(line, file=sys.stderr))
     return out
 

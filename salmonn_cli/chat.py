@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from salmonn_cli.decoding import DecodingOptions, verify_options
+from salmonn_cli.decoding import DecodingOptions, StopCheck, verify_options
 from salmonn_cli.pipeline import Answer, Pipeline
 from salmonn_cli.prompt import build_prompt, follow_up_token_ids
 
@@ -27,9 +27,10 @@ class Conversation:
         self.history: list[int] = []    # ids after the audio of the turns so far, each answer closed by EOS
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None,
-            on_forget: Callable[[int], None] | None = None, decoding: DecodingOptions | None = None) -> Answer:
-        """Answer `question` after the earlier turns (decoded as `Pipeline.answer` decodes); `on_forget(n_ctx)`
-        is told when they no longer fit and are dropped."""
+            on_forget: Callable[[int], None] | None = None, decoding: DecodingOptions | None = None,
+            stop: StopCheck | None = None) -> Answer:
+        """Answer `question` after the earlier turns (decoded as `Pipeline.answer` decodes, `stop` checked after
+        each token); `on_forget(n_ctx)` is told when they no longer fit and are dropped."""
         pipeline, llm = self.pipeline, self.pipeline.llm
         limit = pipeline.decoding.beams
         decoding = pipeline.decoding if decoding is None else verify_options(decoding, default_beams=limit, max_beams=limit)
@@ -42,6 +43,7 @@ class Conversation:
                 ids_after = follow_up
             elif on_forget is not None:
                 on_forget(llm.n_ctx)
-        answer = pipeline.answer_ids(self.embeds, prompt.ids_before, ids_after, decoding, on_text, reuse_audio=True)
+        answer = pipeline.answer_ids(self.embeds, prompt.ids_before, ids_after, decoding, on_text, stop,
+                                     reuse_audio=True)
         self.history = ids_after + answer.tokens + [llm.eos_id]
         return answer

@@ -193,10 +193,11 @@ def ask(
                                         "[default: the model's own, from its manifest; 1 with --temperature > 0]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s of each file, as the official SALMONN does."),
     per_chunk: bool = typer.Option(False, "--per-chunk", help="Answer for each ≤30 s chunk of the file separately."),
-    repetition_guard: bool = typer.Option(False, "--repetition-guard/--no-repetition-guard",
-                                          help="Stop an answer that starts repeating itself and keep its first copy "
-                                          "(streamed text shows the repeats made before it stopped) "
-                                          "[default: off, decoding as the official SALMONN does]."),
+    repetition_guard: Optional[bool] = typer.Option(None, "--repetition-guard/--no-repetition-guard",
+                                                    help="Stop an answer that starts repeating itself and keep its "
+                                                    "first copy (streamed text shows the repeats made before it "
+                                                    "stopped) [default: the model's own, from its manifest: on for "
+                                                    "salmonn-nano, off for exports, decoding as the official SALMONN does]."),
     per_window: bool = typer.Option(False, "--per-window", hidden=True),     # the old name of --per-chunk
     threads: Optional[int] = threads_option(),
     device: str = device_option(),
@@ -229,7 +230,6 @@ def ask(
     decoding = DecodingOptions(max_tokens=max_tokens, beams=beams, temperature=temperature, top_p=top_p, seed=seed)
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, context)
     streaming = not (as_json or jsonl)
-    guard = RepetitionGuard() if repetition_guard else None
 
     def work(name: str, shown: str) -> dict:
         if streaming and len(files) > 1:
@@ -240,6 +240,7 @@ def ask(
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
         report_placement(pipeline, verbose)
+        guard = RepetitionGuard() if pipeline.repetition_guard(repetition_guard) else None
         results, failed = each_input(files, work, jsonl)
     if as_json:
         print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
@@ -320,6 +321,9 @@ def chat(
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=MAX_BEAMS, help="Beam search with N beams; each answer "
                                         "is printed when its search ends [default: the model's own]."),
     truncate: bool = typer.Option(False, "--truncate", help="Use only the first 30 s, as the official SALMONN does."),
+    repetition_guard: Optional[bool] = typer.Option(None, "--repetition-guard/--no-repetition-guard",
+                                                    help="Stop an answer that starts repeating itself and keep its "
+                                                    "first copy [default: the model's own, as salmonn ask]."),
     threads: Optional[int] = threads_option(),
     device: str = device_option(),
     n_gpu_layers: Optional[int] = gpu_layers_option(),
@@ -332,7 +336,7 @@ def chat(
     from salmonn_cli.ask import embed_file
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.chat import Conversation
-    from salmonn_cli.decoding import DecodingOptions
+    from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
 
@@ -354,6 +358,7 @@ def chat(
         embedded = embed_file(pipeline, audio_in, truncate=truncate)
         report_audio(pipeline, audio_in, embedded, audio_in.name, truncate)
         conversation = Conversation(pipeline, embedded.embeds)
+        guard = RepetitionGuard() if pipeline.repetition_guard(repetition_guard) else None
         while True:
             question = read_question(interactive)
             if question is None:
@@ -361,7 +366,7 @@ def chat(
             if not question.strip():
                 continue
             try:
-                conversation.ask(question, on_text=write_out, on_forget=forget)
+                conversation.ask(question, on_text=write_out, on_forget=forget, stop=guard)
             except OutputError:
                 raise
             except SalmonnError as e:

@@ -57,6 +57,9 @@ class Manifest:
     # The decoding the model is answered with unless the user asks otherwise (`salmonn ask --beams`):
     # 1 = greedy. Export writes it under "decoding"; older manifests lack it and mean greedy.
     default_beams: int = 1
+    # Whether `salmonn ask` cuts an answer that starts looping to its first copy unless told otherwise
+    # (`--repetition-guard`); "decoding": {"repetition_guard": ...}, absent = off, as the official SALMONN decodes.
+    default_repetition_guard: bool = False
     # The training tasks (the official annotation names: "asr", "translation", "audiocaption", "QA", ...)
     # the model learned; None = every task of the official SALMONN (its exports, and manifests without the key).
     tasks: tuple[str, ...] | None = None
@@ -90,16 +93,19 @@ def sha256_of(path: Path) -> str:
 
 def manifest_dict(config: SalmonnConfig, audio_encoder: str, llm: str, quant: str,
                   model_dir: Path, extra: dict | None = None, default_beams: int = 1,
-                  tasks: list[str] | None = None, encoder_quant: str = "fp32") -> dict:
+                  tasks: list[str] | None = None, encoder_quant: str = "fp32",
+                  repetition_guard: bool = False) -> dict:
     """The manifest for the files already written in `model_dir` (hashes computed here); `tasks`: the
     training tasks of a model that learned only some of the official SALMONN's (None: all of them)."""
     _check_beams(default_beams)
+    _check_repetition_guard(repetition_guard)
     _check_encoder_quant(encoder_quant)
     names = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     files = {n: file_entry(model_dir / n) for n in names}
     d = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
          "audio_encoder": audio_encoder, "encoder_quant": encoder_quant, "llm": llm, "quant": quant,
-         "config": config.to_dict(), "files": files, "decoding": {"beams": default_beams}}
+         "config": config.to_dict(), "files": files,
+         "decoding": {"beams": default_beams, "repetition_guard": repetition_guard}}
     if tasks is not None:
         d["tasks"] = list(_checked_tasks(tasks))
     if extra:
@@ -135,6 +141,7 @@ def load_manifest(model_dir: str | os.PathLike, verify: bool = True) -> Manifest
                             quant=str(d["quant"]), files=dict(d["files"]),
                             lora_adapter=_optional_name(d, "lora_adapter"),
                             default_beams=_default_beams(d),
+                            default_repetition_guard=_default_repetition_guard(d),
                             tasks=_checked_tasks(d["tasks"]) if "tasks" in d else None,
                             encoder_quant=_check_encoder_quant(d.get("encoder_quant", "fp32")))
         check_files(manifest)
@@ -283,13 +290,28 @@ def _check_beams(beams) -> None:
         raise ValueError(f"decoding beams must be a whole number from 1 to {MAX_BEAMS}, not {beams!r}")
 
 
-def _default_beams(d: dict) -> int:
+def _check_repetition_guard(guard) -> None:
+    if not isinstance(guard, bool):
+        raise ValueError(f"decoding repetition_guard must be true or false, not {guard!r}")
+
+
+def _decoding(d: dict) -> dict:
     decoding = d.get("decoding", {})
     if not isinstance(decoding, dict):
         raise ValueError("decoding must be an object")
-    beams = decoding.get("beams", 1)
+    return decoding
+
+
+def _default_beams(d: dict) -> int:
+    beams = _decoding(d).get("beams", 1)
     _check_beams(beams)
     return beams
+
+
+def _default_repetition_guard(d: dict) -> bool:
+    guard = _decoding(d).get("repetition_guard", False)
+    _check_repetition_guard(guard)
+    return guard
 
 
 # --- integrity ----------------------------------------------------------------------------------

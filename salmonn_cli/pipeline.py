@@ -161,6 +161,10 @@ class Pipeline:
             self._adapter_loaded = True
         self.llm.set_lora_scale(delta)
 
+    def repetition_guard(self, asked: bool | None) -> bool:
+        """Whether answers get a `RepetitionGuard`: as `asked`, or None: the model's own (its manifest)."""
+        return self.manifest.default_repetition_guard if asked is None else asked
+
     @property
     def audio_token_room(self) -> int:
         """Audio embeddings that fit in the context beside the prompt and the answer."""

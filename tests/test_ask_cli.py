@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
-import re
 
 import numpy as np
 import soundfile as sf
 
 from conftest import AUDIO, OFFICIAL_TINY, salmonn
 from salmonn_cli.decoding import RepetitionGuard
+from salmonn_cli.manifest import MANIFEST_NAME
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 
 PROMPT = "Describe the audio."
@@ -187,3 +189,21 @@ def test_repetition_guard_cuts_a_looping_answer_to_its_first_copy(model_f32):
     loop_end = next(n for n in range(1, len(free["tokens"]) + 1) if guard(free["tokens"][:n]))
     assert guarded["tokens"] == guard.trim(free["tokens"][:loop_end]) and guard.find_loop(guarded["tokens"]) is None
     assert len(guarded["tokens"]) < loop_end and guarded["text"] and free["text"].startswith(guarded["text"])
+
+
+def test_a_model_whose_manifest_asks_for_the_guard_gets_it_unless_told_otherwise(model_f32, tmp_path):
+    model = tmp_path / "guarded"
+    shutil.copytree(model_f32, model)
+    manifest = json.loads((model / MANIFEST_NAME).read_text())
+    assert manifest["decoding"]["repetition_guard"] is False            # exports decode as the official SALMONN
+    manifest["decoding"]["repetition_guard"] = True                     # as salmonn-nano's
+    (model / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    def answer(*args):
+        out = json.loads(run_ok("ask", NARRATION, TRANSCRIBE_PROMPT, "--max-tokens", "200", "--json", *args).stdout)
+        return out["tokens"], out["stop_reason"]
+
+    guarded = answer("-m", model_f32, "--repetition-guard")
+    assert guarded[1] == "repetition" and answer("-m", model) == guarded
+    free = answer("-m", model, "--no-repetition-guard")
+    assert free == answer("-m", model_f32) and free[1] != "repetition"

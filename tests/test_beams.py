@@ -316,6 +316,7 @@ def ask_json(model_dir, *extra):
 
 def test_ask_decodes_with_the_manifest_beams_unless_told_otherwise(model_f32, reference, tmp_path):
     assert load_manifest(model_f32).default_beams == 1          # exports are greedy unless told
+    assert not load_manifest(model_f32).default_repetition_guard
     model = with_default_beams(model_f32, tmp_path / "four", 4)
     assert load_manifest(model).default_beams == 4
     default = ask_json(model)
@@ -327,7 +328,8 @@ def test_ask_decodes_with_the_manifest_beams_unless_told_otherwise(model_f32, re
     assert ask_json(model_f32)["beams"] == 1
 
 
-@pytest.mark.parametrize("decoding", [{"beams": 0}, {"beams": 17}, {"beams": "4"}, {"beams": True}, [4]])
+@pytest.mark.parametrize("decoding", [{"beams": 0}, {"beams": 17}, {"beams": "4"}, {"beams": True}, [4],
+                                      {"beams": 4, "repetition_guard": "yes"}, {"repetition_guard": 1}])
 def test_a_bad_manifest_decoding_is_one_clear_error(model_f32, tmp_path, decoding):
     model = with_default_beams(model_f32, tmp_path / "bad", decoding)
     with pytest.raises(ModelError, match="malformed.*decoding"):
@@ -341,9 +343,9 @@ def test_export_writes_the_default_beams(tmp_path):
     out = tmp_path / "model"
     done = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth", "--whisper", OFFICIAL_TINY / "whisper",
                    "--beats", OFFICIAL_TINY / "beats.pt", "--llm", OFFICIAL_TINY / "vicuna", "--quant", "f16",
-                   "--default-beams", "3", "--out", out)
+                   "--default-beams", "3", "--repetition-guard", "--out", out)
     assert done.returncode == 0, done.stderr
-    assert load_manifest(out).default_beams == 3
+    assert load_manifest(out).default_beams == 3 and load_manifest(out).default_repetition_guard
     bad = salmonn("export", "--official-ckpt", OFFICIAL_TINY / "salmonn_tiny.pth", "--default-beams", "0",
                   "--out", tmp_path / "never")
     assert bad.returncode != 0 and not (tmp_path / "never").exists()

@@ -15,12 +15,13 @@ from salmonn_cli.ask import embed_file
 from salmonn_cli.chat import Conversation
 from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.pipeline import Pipeline, RuntimeOptions
-from salmonn_cli.prompt import build_prompt, follow_up_token_ids
+from salmonn_cli.prompt import TRANSCRIBE_PROMPT, build_prompt, follow_up_token_ids
 
-from conftest import CLI_ENV, OFFICIAL_TINY, default_sigint, salmonn
+from conftest import AUDIO, CLI_ENV, OFFICIAL_TINY, default_sigint, salmonn
 
 SPEECH = OFFICIAL_TINY / "speech_2p5s.wav"
 SHORT = OFFICIAL_TINY / "short_0p4s.wav"
+NARRATION = AUDIO / "narration-moon-landing.mp3"
 PROMPT = "Describe the audio."        # the official reference's prompt
 PROMPTS = ["What is the speaker saying?", PROMPT, "Is there music?"]
 STEPS = 8                             # the reference ran max_new_tokens 8
@@ -103,6 +104,16 @@ def test_chat_first_answer_is_ask_and_follow_ups_work(model_f32):
     beams = chat(model_f32, f"{PROMPT}\nWhat else?\n", "--beams", "4")
     assert beams.returncode == 0, beams.stderr
     assert beams.stdout.startswith(run_ok("ask", SPEECH, PROMPT, "-m", model_f32, "--beams", "4").stdout)
+
+
+def test_chat_cuts_a_looping_answer_as_ask_does(model_f32):
+    # the tiny model loops on this audio and prompt (tests/test_ask_cli.py)
+    args = ("-m", model_f32, "--threads", "1", "--max-tokens", "200", "--repetition-guard")
+    alone = salmonn("ask", NARRATION, TRANSCRIBE_PROMPT, *args)
+    r = salmonn("chat", NARRATION, *args, input=f"{TRANSCRIBE_PROMPT}\n")
+    assert alone.returncode == r.returncode == 0, r.stderr
+    free = salmonn("chat", NARRATION, *args[:-1], input=f"{TRANSCRIBE_PROMPT}\n")
+    assert r.stdout == alone.stdout and len(free.stdout) > len(r.stdout)
 
 
 def test_chat_turns_continue_the_cache(model_f32):

@@ -23,7 +23,7 @@ from salmonn_cli.pipeline import Pipeline, RuntimeOptions
 from train.beats import load_beats
 from train.nano import events, real_speech, text, voices
 from train.nano.beats import nano_beats_dims, write_random_beats
-from train.nano.recipe import DEFAULT_BEAMS
+from train.nano.recipe import DEFAULT_BEAMS, DEFAULT_REPETITION_GUARD
 
 from test_train import base, run_config, train_in_process  # noqa: F401  (`base` is a fixture)
 
@@ -74,7 +74,8 @@ def test_quick_recipe_end_to_end(tmp_path):
 
     model = out / "model"
     manifest = json.loads((model / "salmonn.json").read_text())
-    assert manifest["quant"] == "q8_0" and manifest["decoding"] == {"beams": DEFAULT_BEAMS}
+    assert manifest["quant"] == "q8_0" and manifest["decoding"] == {"beams": DEFAULT_BEAMS,
+                                                                "repetition_guard": DEFAULT_REPETITION_GUARD}
     clip = sorted((out / "data" / "audio" / "test").glob("*.wav"))[0]
     done = run("-m", "salmonn_cli", "ask", "--model", str(model), "--json", "--threads", "1", "--max-tokens", "16",
                "-p", "Please describe the audio.", str(clip))
@@ -101,10 +102,9 @@ def test_quick_recipe_end_to_end(tmp_path):
     report = tmp_path / "REPORT.md"
     answers = tmp_path / "answers.json"
     run("-m", "train.nano.report", str(model), str(out / "data"), "--out", str(report), "--limit", "6",
-        "--threads", "1", "--run", str(out / "train"), "--answers", str(answers), "--beams", "2",
-        "--repetition-guard")
+        "--threads", "1", "--run", str(out / "train"), "--answers", str(answers), "--beams", "2")
     text = report.read_text()
-    assert "`salmonn ask` beam search (2 beams) with the repetition guard" in text
+    assert "`salmonn ask` beam search (2 beams) with the repetition guard" in text     # the manifest's guard
     for heading in ("## Held-out scores", "## Training", "- CTC alignment", "## Held-out examples"):
         assert heading in text
     assert "| held-out voices reading held-out text |" in text

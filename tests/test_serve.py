@@ -21,13 +21,15 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import OFFICIAL_TINY, REPO, salmonn
+from conftest import AUDIO, OFFICIAL_TINY, REPO, salmonn
 from serve_process import ServerProcess, environment
+from salmonn_cli.prompt import TRANSCRIBE_PROMPT
 
 KEY = "test-key"
 PROMPT = "Describe the audio."
 SPEECH = OFFICIAL_TINY / "speech_2p5s.wav"
 LONG = OFFICIAL_TINY / "long_40s.wav"
+NARRATION = AUDIO / "narration-moon-landing.mp3"
 UPLOAD_MB = 3                      # the 40 s fixture (1.3 MB, 1.7 MB as base64) fits, 4 MB does not
 ARTIFACTS = Path(os.environ.get("SALMONN_TEST_ARTIFACTS", REPO / "test-artifacts"))
 CHAT = "POST /v1/chat/completions"
@@ -54,8 +56,8 @@ def audio_messages(path: Path, prompt: str = PROMPT, fmt: str = "wav", data: str
                                          {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}]}]
 
 
-def ask_json(model, audio: Path, *args) -> dict:
-    r = salmonn("ask", audio, PROMPT, "-m", model, "--json", "--threads", "1", *args)
+def ask_json(model, audio: Path, *args, prompt: str = PROMPT) -> dict:
+    r = salmonn("ask", audio, prompt, "-m", model, "--json", "--threads", "1", *args)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -141,6 +143,16 @@ def test_salmonn_options_match_the_command_line(client, model_f32, reference):
     cli = ask_json(model_f32, LONG, "--max-tokens", "3", "--beams", "1", "--truncate")
     assert truncated.salmonn["tokens"] == cli["tokens"] and truncated.salmonn["truncated"]
     assert truncated.usage.prompt_tokens_details.audio_tokens == 88
+    # the tiny model loops on this audio and prompt (tests/test_ask_cli.py); the guard as `ask --repetition-guard`
+    narration = audio_messages(NARRATION, TRANSCRIBE_PROMPT, fmt="mp3")
+    guarded = client.chat.completions.create(model="salmonn", messages=narration, max_tokens=200,
+                                             extra_body={"beams": 1, "repetition_guard": True})
+    cli = ask_json(model_f32, NARRATION, "--max-tokens", "200", "--repetition-guard", prompt=TRANSCRIBE_PROMPT)
+    assert cli["stop_reason"] == "repetition" and guarded.choices[0].finish_reason == "stop"
+    assert guarded.salmonn["tokens"] == cli["tokens"] and guarded.choices[0].message.content == cli["text"]
+    free = client.chat.completions.create(model="salmonn", messages=narration, max_tokens=200,
+                                          extra_body={"beams": 1})          # the model's own: off for exports
+    assert len(free.salmonn["tokens"]) > len(guarded.salmonn["tokens"])
 
 
 # openai 3.x marks `audio.translations.create` deprecated; the route is still the one such servers offer
@@ -201,6 +213,9 @@ def test_bad_requests_are_openai_errors_with_one_log_line(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="salmonn", messages=[{"role": "user", "content": "no audio"}])
     assert "input_audio" in error_of(e.value)["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=2, extra_body={"repetition_guard": "yes"})
+    assert error_of(e.value)["param"] == "repetition_guard"
     with pytest.raises(openai.BadRequestError) as e, open(SPEECH, "rb") as f:
         client.audio.transcriptions.create(model="salmonn", file=f, response_format="docx")
     assert error_of(e.value)["param"] == "response_format"

@@ -30,7 +30,7 @@ from salmonn_cli.serve.body import read_json
 from salmonn_cli.serve.disconnect import watch_disconnect
 from salmonn_cli.serve.errors import APIError, bad_request
 from salmonn_cli.serve.params import flag, number, request_decoding
-from salmonn_cli.serve.worker import model_result
+from salmonn_cli.serve.worker import CancellableGuard, model_result
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 FINISH_REASONS = {"eos": "stop", "max_tokens": "length", "context_full": "length"}
@@ -49,6 +49,7 @@ class ChatRequest:
     truncate: bool = False
     stream: bool = False
     include_usage: bool = False
+    repetition_guard: bool | None = None  # None: the model's own (its manifest), as `salmonn ask`
 
 
 @dataclass
@@ -171,7 +172,9 @@ def parse_chat(body: dict, served: DecodingOptions) -> ChatRequest:
     stream = flag(body, "stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return ChatRequest(prompt, audio, param, decoding, lora_scale, per_chunk, truncate, stream, include_usage)
+    repetition_guard = flag(body, "repetition_guard", None)
+    return ChatRequest(prompt, audio, param, decoding, lora_scale, per_chunk, truncate, stream, include_usage,
+                       repetition_guard)
 
 
 # --- the answer (in the model's thread) ------------------------------------------------------------
@@ -182,21 +185,22 @@ def answer_chat(pipeline, job, request: ChatRequest, on_ready: Callable[[], None
     then a bad recording can still be a 400); `on_text` gets the answer as it is generated."""
     audio_in = open_audio(MemoryAudio(request.audio, "input_audio"))
     emit = on_text or (lambda text: None)
+    stop = CancellableGuard(job) if pipeline.repetition_guard(request.repetition_guard) else job.stop
     if request.per_chunk:
-        return per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit)
+        return per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit, stop)
 
     def on_audio(audio) -> None:
         on_ready()
         job.check()
 
     result = answer_file(pipeline, audio_in, request.prompt, truncate=request.truncate, decoding=request.decoding,
-                         on_audio=on_audio, on_text=emit, stop=job.stop)
+                         on_audio=on_audio, on_text=emit, stop=stop)
     answer = result.answer
     return ChatResult(answer.text, answer.tokens, answer.stop_reason, answer.prompt_tokens, len(result.audio.embeds),
                       result.to_dict())
 
 
-def per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit) -> ChatResult:
+def per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit, stop) -> ChatResult:
     """One answer per chunk, each line led by its times, as `salmonn ask --per-chunk` prints them."""
 
     def on_chunk(chunk) -> None:
@@ -206,7 +210,7 @@ def per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit) -> ChatRe
         emit(("\n" if chunk.index else "") + chunk_label(chunk))
 
     result = answer_each_chunk(pipeline, audio_in, request.prompt, decoding=request.decoding,
-                               on_chunk=on_chunk, on_text=emit, stop=job.stop)
+                               on_chunk=on_chunk, on_text=emit, stop=stop)
     answers = [c.answer for c in result.chunks]
     return ChatResult("\n".join(chunk_label(c) + c.answer.text for c in result.chunks),
                       [t for a in answers for t in a.tokens], answers[-1].stop_reason if answers else "eos",

@@ -34,7 +34,7 @@ def request_decoding(served: DecodingOptions, max_tokens: int | None, **fields) 
         raise bad_request(str(e), param="beams") from None
 
 
-def flag(body: dict, name: str, default: bool = False) -> bool:
+def flag(body: dict, name: str, default: bool | None = False) -> bool | None:
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         return default

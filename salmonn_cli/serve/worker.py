@@ -58,7 +58,7 @@ class Job:
 
 
 class CancellableGuard(RepetitionGuard):
-    """The transcription's repetition guard, which also ends the chunk when the client has gone."""
+    """The repetition guard of a transcription or a chat answer, which also stops when the client has gone."""
 
     def __init__(self, job: Job):
         super().__init__()

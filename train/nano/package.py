@@ -24,7 +24,7 @@ from salmonn_cli.default_model import NANO_DATA_DIR, RECIPE_FILE, WEIGHTS_FILE
 from salmonn_cli.errors import SalmonnError
 from train.data import read_annotations
 from train.nano.beats import beats_state_digest, write_random_beats
-from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, EXPORT_QUANT
+from train.nano.recipe import BEATS_SEED, DEFAULT_BEAMS, DEFAULT_REPETITION_GUARD, EXPORT_QUANT
 from train.official import AUDIO_VOCAB_KEY, LLM_WORD_TABLE_KEY, rebuild_llm_word_table
 
 PATH_KEYS = ("whisper_path", "beats_path", "llama_path")
@@ -76,6 +76,7 @@ def package(checkpoint: Path, out: Path) -> Path:
         "beats_sha256": beats_digest,
         "quant": EXPORT_QUANT,
         "default_beams": DEFAULT_BEAMS,
+        "default_repetition_guard": DEFAULT_REPETITION_GUARD,
         "tasks": trained_tasks(ckpt["config"]),
         "base_packages": BASE_PACKAGES,
         "torch_version": torch.__version__,

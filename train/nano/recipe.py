@@ -36,10 +36,10 @@ EXPORT_QUANT = "q8_0"
 # The decoding nano's manifest names as its default (salmonn ask without --beams): 4 beams, as the official
 # SALMONN decodes (train/nano/README.md compares it with greedy).
 DEFAULT_BEAMS = 4
-# The report's `salmonn ask` cuts a looping answer to its first copy (`--repetition-guard`, as `salmonn
-# transcribe` always does): with 4 beams a few real clips loop for the whole token limit, and one such answer
-# outweighs a hundred clips' errors in the word error rate (train/nano/README.md).
-REPORT_REPETITION_GUARD = True
+# ... and cuts a looping answer to its first copy (`salmonn ask --repetition-guard`, as `salmonn transcribe`
+# always does): with 4 beams a few real clips loop for the whole token limit, and one such answer outweighs a
+# hundred clips' errors in the word error rate (train/nano/README.md). The report decodes as the manifest says.
+DEFAULT_REPETITION_GUARD = True
 
 
 def log(message: str) -> None:
@@ -97,10 +97,11 @@ def export_model(checkpoint: Path, model_dir: Path) -> Path:
     if (model_dir / MANIFEST_NAME).is_file() and model_dir.stat().st_mtime >= checkpoint.stat().st_mtime:
         log(f"reusing model {model_dir}")
         return model_dir
-    log(f"exporting {checkpoint} -> {model_dir} ({EXPORT_QUANT}, {DEFAULT_BEAMS} beams by default)")
+    guard = "--repetition-guard" if DEFAULT_REPETITION_GUARD else "--no-repetition-guard"
+    log(f"exporting {checkpoint} -> {model_dir} ({EXPORT_QUANT}, {DEFAULT_BEAMS} beams and {guard} by default)")
     subprocess.run([sys.executable, "-m", "salmonn_cli", "export", "--checkpoint", str(checkpoint),
                     "--out", str(model_dir), "--quant", EXPORT_QUANT, "--default-beams", str(DEFAULT_BEAMS),
-                    "--force"], check=True)
+                    guard, "--force"], check=True)
     return model_dir
 
 
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_report:
             from train.nano.report import write_report
 
-            report = write_report(model_dir, data_dir, args.report or out / "REPORT.md", run_dir=out / "train",
-                                  repetition_guard=REPORT_REPETITION_GUARD)
+            report = write_report(model_dir, data_dir, args.report or out / "REPORT.md", run_dir=out / "train")
             log(f"report {report}")
     except SalmonnError as exc:
         print(f"recipe: error: {exc}", file=sys.stderr)

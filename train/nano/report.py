@@ -61,7 +61,7 @@ class AskDecoding:
     repetition_guard: bool = False
 
     def args(self) -> list[str]:
-        return ["--beams", str(self.beams), *(["--repetition-guard"] if self.repetition_guard else [])]
+        return ["--beams", str(self.beams), "--repetition-guard" if self.repetition_guard else "--no-repetition-guard"]
 
     def name(self) -> str:
         return decoding_name(self.beams) + (" with the repetition guard" if self.repetition_guard else "")
@@ -255,12 +255,13 @@ def long_recording_lines(model_dir: Path, data_dir: Path, entries: list[dict], o
 
 def write_report(model_dir: str | Path, data_dir: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                  limit: int | None = None, threads: int | None = None, answers_out: str | Path | None = None,
-                 beams: int | None = None, repetition_guard: bool = False) -> Path:
-    """`beams` None: the model's own default decoding (its manifest), as `salmonn ask` without --beams;
-    `repetition_guard`: `salmonn ask --repetition-guard` (`salmonn transcribe` has it on by default)."""
+                 beams: int | None = None, repetition_guard: bool | None = None) -> Path:
+    """`beams`, `repetition_guard` None: the model's own default decoding (its manifest), as `salmonn ask`
+    without --beams or --[no-]repetition-guard (`salmonn transcribe` has the guard on by default)."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
-    if beams is None:
-        beams = load_manifest(model_dir, verify=False).default_beams
+    manifest = load_manifest(model_dir, verify=False)
+    beams = manifest.default_beams if beams is None else beams
+    repetition_guard = manifest.default_repetition_guard if repetition_guard is None else repetition_guard
     decoding = AskDecoding(beams, repetition_guard)
     entries = read_entries(data_dir / "test.json")
     if limit:
@@ -326,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--beams", type=beam_count, default=None,
                         help="salmonn ask --beams (default: the model's own decoding, from its manifest)")
-    parser.add_argument("--repetition-guard", action="store_true",
-                        help="salmonn ask --repetition-guard: a looping answer is cut to its first copy")
+    parser.add_argument("--repetition-guard", action=argparse.BooleanOptionalAction, default=None,
+                        help="salmonn ask --[no-]repetition-guard: a looping answer is cut to its first copy "
+                        "(default: the model's own decoding, from its manifest)")
     parser.add_argument("--answers", type=Path, default=None, help="also write each entry's answer and score here (JSON)")
     args = parser.parse_args(argv)
     try:
