@@ -475,6 +475,9 @@ def listen(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to ask about each utterance [default: transcribe it]."),
     transcribe: bool = typer.Option(False, "--transcribe", help="Live transcription (the official speech-recognition prompt)."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.0, help="Stop after this many seconds of audio."),
+    repetition_guard: Optional[bool] = typer.Option(None, "--repetition-guard/--no-repetition-guard",
+                                                    help="Stop an answer that starts repeating itself and keep its "
+                                                    "first copy [default: the model's own, as salmonn ask]."),
     model: Optional[str] = model_option(),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Most tokens per utterance."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (listen has no beam search); > 0 samples."),
@@ -504,7 +507,8 @@ def listen(
         raise SalmonnError("give either --mic or --input, not both")
     check_model_option(model)
     options = live.ListenOptions(prompt=live.resolve_prompt(prompt, transcribe), device=live.parse_device(input_device),
-                                 input_path=input_path, speed=speed, max_seconds=duration)
+                                 input_path=input_path, speed=speed, max_seconds=duration,
+                                 repetition_guard=repetition_guard)
     decoding = DecodingOptions(max_tokens=max_tokens, beams=1, temperature=temperature, top_p=top_p, seed=seed)
     runtime = runtime_options(threads, device, n_gpu_layers, lora_scale, None)
 

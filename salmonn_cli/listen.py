@@ -23,7 +23,7 @@ import soxr
 from salmonn_cli import audio
 from salmonn_cli.audio_input import open_audio
 from salmonn_cli.clock import format_clock
-from salmonn_cli.decoding import DecodingOptions
+from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
 from salmonn_cli.errors import AudioError, SalmonnError, quoted
 from salmonn_cli.pipeline import Answer
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
@@ -46,6 +46,7 @@ class ListenOptions:
     speed: float = 1.0                   # file replay pace (2 = twice real time; 0 = as fast as possible)
     max_seconds: float | None = None     # stop after this much audio (None = until Ctrl-C / end of file)
     vad: VadOptions = field(default_factory=VadOptions)
+    repetition_guard: bool | None = None  # cut a looping answer to its first copy; None: the model's own
 
 
 @dataclass
@@ -263,12 +264,13 @@ def listen(pipeline, options: ListenOptions, decoding: DecodingOptions | None = 
         resampler = soxr.ResampleStream(rate, model_rate, 1, dtype="float32", quality=audio.RESAMPLE_QUALITY)
 
     heard: list[Heard] = []
+    guard = RepetitionGuard() if pipeline.repetition_guard(options.repetition_guard) else None
 
     def answer(utterances: list[Utterance]) -> None:
         for utterance in utterances:
             embeds, encode_s = pipeline.embed_wave(utterance.samples.astype(np.float64))
-            item = Heard(utterance.start_s, utterance.end_s, pipeline.answer(embeds, options.prompt, decoding),
-                         encode_s, utterance)
+            item = Heard(utterance.start_s, utterance.end_s,
+                         pipeline.answer(embeds, options.prompt, decoding, stop=guard), encode_s, utterance)
             heard.append(item)
             if on_heard:
                 on_heard(item)

@@ -18,7 +18,7 @@ from conftest import AUDIO, CLI_ENV as ENV, REPO, default_sigint
 
 from salmonn_cli import listen as listen_module
 from salmonn_cli.clock import format_clock
-from salmonn_cli.decoding import DecodingOptions
+from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
 from salmonn_cli.errors import AudioError, SalmonnError
 from salmonn_cli.listen import (TRANSCRIBE_PROMPT, Capture, FileStream, ListenOptions, format_heard,
                                 listen, parse_device, resolve_prompt)
@@ -28,6 +28,7 @@ from salmonn_cli.vad import EnergyVad, VadOptions, find_utterances
 RATE = 16000
 TIME_TOLERANCE_S = 0.2      # utterance start/end vs where the speech really is
 MAX_TOKENS = 6
+LONG_ANSWER_TOKENS = 120       # long enough for the tiny model's random weights to loop
 ALSA_DEFAULT_CONFIG = "/usr/share/alsa/alsa.conf"
 ALSA_DEVICE = "salmonn_test"
 # CI installs libportaudio2 (the ALSA `file` plugin is part of libasound2): there the device test must run.
@@ -254,6 +255,17 @@ def test_replay_answers_equal_asking_about_the_same_audio(replayed, pipeline, sp
         np.testing.assert_array_equal(h.utterance.samples, clip)  # exact
         embeds, _ = pipeline.embed_wave(clip)
         assert h.answer.tokens == pipeline.answer(embeds, TRANSCRIBE_PROMPT, decoding).tokens  # exact
+
+
+def test_replay_with_the_repetition_guard_answers_as_a_guarded_ask(pipeline, speech_recording):
+    decoding = DecodingOptions(max_tokens=LONG_ANSWER_TOKENS)
+    heard = listen(pipeline, ListenOptions(input_path=str(speech_recording["wav"]), speed=0, repetition_guard=True),
+                   decoding)
+    assert any(h.answer.stop_reason == "repetition" for h in heard)      # measured: the first utterance loops
+    for h in heard:
+        embeds, _ = pipeline.embed_wave(h.utterance.samples.astype(np.float64))
+        guarded = pipeline.answer(embeds, TRANSCRIBE_PROMPT, decoding, stop=RepetitionGuard())
+        assert h.answer.tokens == guarded.tokens and h.answer.stop_reason == guarded.stop_reason
 
 
 def test_replay_at_real_time_pace(pipeline, speech_recording, tmp_path):
