@@ -37,6 +37,12 @@ def rebuilt_tensors(recipe: dict, whisper: Path, llm: Path) -> dict:
 
 
 def build_nano_model(data_dir: Path, out: Path) -> Path:
+    return export_nano(data_dir, out)
+
+
+def export_nano(data_dir: Path, out: Path, encoder_quant: str | None = None) -> Path:
+    """The model directory `out` from the shipped files in `data_dir`; `encoder_quant` None: export's default
+    for nano's q8_0 LLM (int8); "fp32" keeps the exported graph (what the int8 encoder is measured against)."""
     if not sys.stderr.isatty():
         # the libraries below draw tqdm bars (GGUF de-quantizing, weight loading); tqdm reads this
         # when first imported, so a log file or pipe gets no stream of redrawn frames
@@ -68,7 +74,8 @@ def build_nano_model(data_dir: Path, out: Path) -> Path:
         export_model(ckpt=checkpoint, whisper=whisper, beats=beats, llm=llm, out=out,
                      quant=recipe["quant"], default_beams=int(recipe.get("default_beams", 1)),
                      repetition_guard=bool(recipe.get("default_repetition_guard", False)),
-                     tasks=recipe.get("tasks"), force=True, log=lambda line: print(line, file=sys.stderr))
+                     tasks=recipe.get("tasks"), encoder_quant=encoder_quant, force=True,
+                     log=lambda line: print(line, file=sys.stderr))
     return out
 
 
