@@ -37,6 +37,7 @@ def rebuilt_tensors(recipe: dict, whisper: Path, llm: Path) -> dict:
 
 
 def build_nano_model(data_dir: Path, out: Path) -> Path:
+    """The command the runtime runs on first use (`python -m export.nano DATA_DIR OUT`): the default build."""
     return export_nano(data_dir, out)
 
 

@@ -209,7 +209,7 @@ def ask(
     jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON object per file, as each finishes."),
 ) -> None:
     """Answer a question about audio clips (the model is loaded once for all of them)."""
-    from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
+    from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
     from salmonn_cli.prompt import check_instruction
@@ -240,7 +240,7 @@ def ask(
 
     with Pipeline(resolve_model_dir(model), runtime, decoding) as pipeline:
         report_placement(pipeline, verbose)
-        guard = RepetitionGuard() if pipeline.repetition_guard(repetition_guard) else None
+        guard = pipeline.repetition_guard(repetition_guard)
         results, failed = each_input(files, work, jsonl)
     if as_json:
         print(json.dumps(results[0] if len(files) == 1 else results, ensure_ascii=False))
@@ -336,7 +336,7 @@ def chat(
     from salmonn_cli.ask import embed_file
     from salmonn_cli.audio_input import open_audio
     from salmonn_cli.chat import Conversation
-    from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
+    from salmonn_cli.decoding import DecodingOptions
     from salmonn_cli.default_model import resolve_model_dir
     from salmonn_cli.pipeline import Pipeline
 
@@ -358,7 +358,7 @@ def chat(
         embedded = embed_file(pipeline, audio_in, truncate=truncate)
         report_audio(pipeline, audio_in, embedded, audio_in.name, truncate)
         conversation = Conversation(pipeline, embedded.embeds)
-        guard = RepetitionGuard() if pipeline.repetition_guard(repetition_guard) else None
+        guard = pipeline.repetition_guard(repetition_guard)
         while True:
             question = read_question(interactive)
             if question is None:

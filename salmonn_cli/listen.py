@@ -23,7 +23,7 @@ import soxr
 from salmonn_cli import audio
 from salmonn_cli.audio_input import open_audio
 from salmonn_cli.clock import format_clock
-from salmonn_cli.decoding import DecodingOptions, RepetitionGuard
+from salmonn_cli.decoding import DecodingOptions
 from salmonn_cli.errors import AudioError, SalmonnError, quoted
 from salmonn_cli.pipeline import Answer
 from salmonn_cli.prompt import TRANSCRIBE_PROMPT
@@ -264,7 +264,7 @@ def listen(pipeline, options: ListenOptions, decoding: DecodingOptions | None = 
         resampler = soxr.ResampleStream(rate, model_rate, 1, dtype="float32", quality=audio.RESAMPLE_QUALITY)
 
     heard: list[Heard] = []
-    guard = RepetitionGuard() if pipeline.repetition_guard(options.repetition_guard) else None
+    guard = pipeline.repetition_guard(options.repetition_guard)
 
     def answer(utterances: list[Utterance]) -> None:
         for utterance in utterances:

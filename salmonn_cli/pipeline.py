@@ -161,9 +161,13 @@ class Pipeline:
             self._adapter_loaded = True
         self.llm.set_lora_scale(delta)
 
-    def repetition_guard(self, asked: bool | None) -> bool:
+    def uses_repetition_guard(self, asked: bool | None) -> bool:
         """Whether answers get a `RepetitionGuard`: as `asked`, or None: the model's own (its manifest)."""
         return self.manifest.default_repetition_guard if asked is None else asked
+
+    def repetition_guard(self, asked: bool | None) -> RepetitionGuard | None:
+        """The `stop` check for `answer` that `uses_repetition_guard(asked)` calls for (None: no guard)."""
+        return RepetitionGuard() if self.uses_repetition_guard(asked) else None
 
     @property
     def audio_token_room(self) -> int:

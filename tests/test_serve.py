@@ -123,7 +123,7 @@ def test_chat_gives_the_tokens_of_ask_json(server, client, model_f32, reference)
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
 
 
-def test_salmonn_options_match_the_command_line(client, model_f32, reference):
+def test_salmonn_options_match_the_command_line(server, client, model_f32, reference):
     beams = chat(client, max_tokens=8, extra_body={"beams": 4})
     assert beams.salmonn["tokens"] == reference["speech.beam4_ids"][0, 1:].tolist()
     base = chat(client, max_tokens=8, extra_body={"beams": 1, "lora_scale": 0})
@@ -153,6 +153,8 @@ def test_salmonn_options_match_the_command_line(client, model_f32, reference):
     free = client.chat.completions.create(model="salmonn", messages=narration, max_tokens=200,
                                           extra_body={"beams": 1})          # the model's own: off for exports
     assert len(free.salmonn["tokens"]) > len(guarded.salmonn["tokens"])
+    # its log line comes after the reply: wait for it, so that the next test counts only its own requests
+    server.wait_for(lambda line: f"{free.usage.prompt_tokens}+{free.usage.completion_tokens} tokens" in line)
 
 
 # openai 3.x marks `audio.translations.create` deprecated; the route is still the one such servers offer

@@ -185,7 +185,7 @@ def answer_chat(pipeline, job, request: ChatRequest, on_ready: Callable[[], None
     then a bad recording can still be a 400); `on_text` gets the answer as it is generated."""
     audio_in = open_audio(MemoryAudio(request.audio, "input_audio"))
     emit = on_text or (lambda text: None)
-    stop = CancellableGuard(job) if pipeline.repetition_guard(request.repetition_guard) else job.stop
+    stop = CancellableGuard(job) if pipeline.uses_repetition_guard(request.repetition_guard) else job.stop
     if request.per_chunk:
         return per_chunk_answer(pipeline, job, request, audio_in, on_ready, emit, stop)
 
