@@ -102,7 +102,10 @@ class RepetitionGuard:
     """Notices output that has started looping: the last tokens are one n-gram (n <= `max_period`)
     repeated back to back. A short n-gram must repeat `min_repeats` times and cover `min_span`
     tokens (one token 12 times, a 4-token phrase 3 times); an n-gram of `long_period` tokens or
-    more loops after 2 copies (a whole sentence said twice, verbatim, in one chunk).
+    more loops after 2 copies (a whole sentence said twice, verbatim, in one chunk). A loop whose
+    period varies ("O.O.O. O.O.O.O.", "of what you remember of what you remembered") is noticed by
+    its poverty: its last `variety_window` tokens hold at most `max_distinct` distinct tokens, which
+    no transcript of the nano data sets does (train/nano/README.md).
 
     A stop check for either decoder (a looping beam ends there); `trim` then keeps the first copy.
     """
@@ -110,6 +113,8 @@ class RepetitionGuard:
     min_repeats: int = 3
     min_span: int = 12
     long_period: int = 16
+    variety_window: int = 32
+    max_distinct: int = 6
 
     def copies_needed(self, period: int) -> int:
         if period >= self.long_period:
@@ -130,16 +135,42 @@ class RepetitionGuard:
             return period, start
         return None
 
+    def find_varying_loop(self, tokens: list[int]) -> int | None:
+        """Where the first copy of a loop with a varying period ends: the loop is the longest stretch
+        ending at the last token that uses only the few distinct tokens of the last `variety_window`;
+        its first copy is the shortest start of it that holds each of them (so no word said before
+        the loop is lost). None if the last tokens are varied enough."""
+        n = len(tokens)
+        if n < self.variety_window:
+            return None
+        recent = set(tokens[n - self.variety_window:])
+        if len(recent) > self.max_distinct:
+            return None
+        start = n - self.variety_window
+        while start > 0 and tokens[start - 1] in recent:
+            start -= 1
+        missing = set(recent)
+        end = start
+        while missing:                      # the loop's tokens all appear before the last one
+            missing.discard(tokens[end])
+            end += 1
+        return end
+
+    def first_copy_end(self, tokens: list[int]) -> int | None:
+        """How many of `tokens` to keep: up to the end of the loop's first copy; None if not looping."""
+        loop = self.find_loop(tokens)
+        if loop is not None:
+            period, start = loop
+            return start + period
+        return self.find_varying_loop(tokens)
+
     def trim(self, tokens: list[int]) -> list[int]:
         """`tokens` up to the end of the loop's first copy (unchanged if not looping)."""
-        loop = self.find_loop(tokens)
-        if loop is None:
-            return list(tokens)
-        period, start = loop
-        return list(tokens[:start + period])
+        end = self.first_copy_end(tokens)
+        return list(tokens if end is None else tokens[:end])
 
     def __call__(self, tokens: list[int]) -> str | None:
-        return STOP_REPETITION if self.find_loop(tokens) is not None else None
+        return STOP_REPETITION if self.first_copy_end(tokens) is not None else None
 
 
 # --- decoders: given one row of logits per live sequence, choose how each goes on -----------------

@@ -125,6 +125,23 @@ def test_repetition_guard_finds_loops_and_trims_to_one_copy():
     assert guard.trim(varied) == varied
 
 
+def test_repetition_guard_notices_a_loop_whose_period_varies_and_keeps_its_first_copy():
+    guard = RepetitionGuard()
+    said = [40, 41, 42, 43, 44, 45, 46, 47]              # varied: never a loop
+    # "what you remember of what you remembered of ...": no exact n-gram repeats back to back 3 times
+    a, b = [1, 2, 3, 4], [1, 2, 5, 4]
+    loop = a + b + a + a + b + b + a + b + a
+    assert all(guard.find_loop(said + loop[:n]) is None for n in range(len(loop) + 1))
+    stop = next(n for n in range(len(loop) + 1) if guard(said + loop[:n]))
+    assert stop == 31                                    # the last 32 tokens (47 and 31 of the loop) hold 6 distinct ones
+    assert guard.trim(said + loop[:stop]) == said + [1, 2, 3, 4, 1, 2, 5]   # up to the first 5: every token of the loop
+    # one distinct token more than `max_distinct` in every 32 is not a loop
+    six = [1, 2, 3, 4, 5, 6, 7] * 6
+    assert all(guard.find_varying_loop(said + six[:n]) is None for n in range(len(six) + 1))
+    # a word said before the loop that the loop reuses is kept, with the loop's first copy after it
+    assert guard.trim([9, 1, 8] + loop[:stop]) == [9, 1, 8, 1, 2, 3, 4, 1, 2, 5]
+
+
 def test_decoding_stops_on_the_guard_and_stays_compatible_without_it():
     vocab = 16
     script = [3, 4] + [5, 6] * 20                        # a model that loops on "5 6"
