@@ -151,7 +151,7 @@ class RepetitionGuard:
             start -= 1
         missing = set(recent)
         end = start
-        while missing:                      # the loop's tokens all appear before the last one
+        while missing:                      # ends inside the stretch: each of `recent` occurs in it
             missing.discard(tokens[end])
             end += 1
         return end

@@ -136,8 +136,8 @@ def test_repetition_guard_notices_a_loop_whose_period_varies_and_keeps_its_first
     assert stop == 31                                    # the last 32 tokens (47 and 31 of the loop) hold 6 distinct ones
     assert guard.trim(said + loop[:stop]) == said + [1, 2, 3, 4, 1, 2, 5]   # up to the first 5: every token of the loop
     # one distinct token more than `max_distinct` in every 32 is not a loop
-    six = [1, 2, 3, 4, 5, 6, 7] * 6
-    assert all(guard.find_varying_loop(said + six[:n]) is None for n in range(len(six) + 1))
+    seven = [1, 2, 3, 4, 5, 6, 7] * 6
+    assert all(guard.find_varying_loop(said + seven[:n]) is None for n in range(len(seven) + 1))
     # a word said before the loop that the loop reuses is kept, with the loop's first copy after it
     assert guard.trim([9, 1, 8] + loop[:stop]) == [9, 1, 8, 1, 2, 3, 4, 1, 2, 5]
 
